@@ -1,0 +1,110 @@
+"""Validation helpers shared by every module.
+
+Argument checks (plain Python) run once, at construction; tensor checks run on
+every call and are scriptable. Messages name the argument, what was expected
+and what came: ``"pixel_threshold must be finite, got nan"``.
+"""
+
+import math
+from typing import List
+
+import torch
+from torch import Tensor
+
+__all__: List[str] = []
+
+
+# ----------------------------------------------------------------------------
+# Tensor checks: scriptable, run per call.
+# ----------------------------------------------------------------------------
+
+
+def _as_b1hw(x: Tensor, name: str) -> Tensor:
+    """Return ``x`` as (B, 1, H, W); accept (B, H, W) or (B, 1, H, W)."""
+    if x.dim() == 3:
+        return x.unsqueeze(1)
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x
+    raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {list(x.shape)}")
+
+
+def _as_bhw(x: Tensor, name: str) -> Tensor:
+    """Return ``x`` as (B, H, W); accept (B, H, W) or (B, 1, H, W)."""
+    if x.dim() == 3:
+        return x
+    if x.dim() == 4 and x.shape[1] == 1:
+        return x.squeeze(1)
+    raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, H, W), got {list(x.shape)}")
+
+
+def _check_float_map(x: Tensor, name: str) -> None:
+    if not (
+        x.dtype == torch.float32
+        or x.dtype == torch.float64
+        or x.dtype == torch.float16
+        or x.dtype == torch.bfloat16
+    ):
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {str(x.dtype)}")
+
+
+# ----------------------------------------------------------------------------
+# Argument checks: plain Python, run once.
+# ----------------------------------------------------------------------------
+
+
+def _fmt(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+        allowed = ", ".join(_fmt(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}, got {_fmt(value)}")
+
+
+def check_int(name: str, value: object, minimum: int = 0, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an integer" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {kind}, got {_fmt(value)} ({type(value).__name__})")
+    if value < minimum:
+        tail = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{tail}, got {value}")
+
+
+def check_ksize(name: str, value: object) -> None:
+    ok = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value == 0 or (value >= 3 and value % 2 == 1))
+    )
+    if not ok:
+        raise ValueError(f"{name} must be 0 or an odd integer >= 3, got {_fmt(value)}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {_fmt(value)}")
+
+
+def check_finite(name: str, value: object, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {kind}, got {_fmt(value)} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_roi(name: str, value: object, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if (
+        isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 4  # type: ignore[arg-type]
+    ):
+        raise ValueError(f"{name} must be four numbers [x1, y1, x2, y2] in [0, 1], got {value!r}")
+    for i, v in enumerate(value):  # type: ignore[arg-type]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name}[{i}] must be a finite number, got {v!r}")
