@@ -1,14 +1,12 @@
 import pytest
 import torch
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         params = [
-            pytest.param(d, marks=[pytest.mark.cuda] if d == "cuda" else [])
-            for d in ["cpu", "cuda"]
+            pytest.param("cpu"),
+            pytest.param("cuda", marks=pytest.mark.cuda),
         ]
         metafunc.parametrize("device", params)
 
@@ -16,6 +14,6 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _skip_missing_cuda(request):
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("device") == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("CUDA not available")
+    wants_cuda = callspec is not None and callspec.params.get("device") == "cuda"
+    if wants_cuda and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
