@@ -47,6 +47,22 @@ def _check_float_map(x: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {str(x.dtype)}")
 
 
+def _check_bool_mask(x: Tensor, name: str) -> None:
+    if x.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {str(x.dtype)}")
+
+
+def _as_per_image(x: Tensor, batch: int, name: str) -> Tensor:
+    """Return ``x`` as (B,); accept a scalar tensor, shape (1,) or shape (B,)."""
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be a real number tensor, got {str(x.dtype)}")
+    if x.dim() == 0:
+        return x.expand(batch)
+    if x.dim() == 1 and (x.shape[0] == batch or x.shape[0] == 1):
+        return x.expand(batch)
+    raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {list(x.shape)}")
+
+
 # ----------------------------------------------------------------------------
 # Argument checks: plain Python, run once.
 # ----------------------------------------------------------------------------
