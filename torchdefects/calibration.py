@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw, _check_float_map, check_finite, check_roi
+from torchdefects.roi import roi_bounds, roi_tensor
 
 __all__ = [
     "CalibrationNotExactError",
@@ -41,15 +42,11 @@ class CalibrationNotExactError(RuntimeError):
 
 
 def _roi_slices(roi: Optional[Sequence[float]], h: int, w: int) -> Tuple[int, int, int, int]:
-    """Rows ``r0:r1`` and columns ``c0:c1`` inside the ROI (DESIGN.md semantics)."""
+    """Rows ``r0:r1`` and columns ``c0:c1`` inside the ROI, from :func:`roi.roi_bounds`."""
     if roi is None:
         return 0, h, 0, w
-    x1, y1, x2, y2 = (min(max(float(v), 0.0), 1.0) for v in roi)
-    x1, x2 = min(x1, x2), max(x1, x2)
-    y1, y2 = min(y1, y2), max(y1, y2)
-    c0, c1 = math.floor(x1 * w), math.ceil(x2 * w)
-    r0, r1 = math.floor(y1 * h), math.ceil(y2 * h)
-    return r0, max(r0, r1), c0, max(c0, c1)
+    c0, c1, r0, r1 = (int(v) for v in roi_bounds(roi_tensor(roi), h, w))
+    return r0, r1, c0, c1
 
 
 def _normalize_roi(roi: Optional[Sequence[float]]) -> Optional[List[float]]:

@@ -75,7 +75,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.log_every_s = log_every_s
         self.start = time.monotonic()
-        self._last = 0.0
+        self._last = self.start
         self.done = 0
 
     def update(self, done: int, note: str = "") -> None:
@@ -165,10 +165,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from torchdefects.calibration import PixelThresholdCalibrator
     from torchdefects.config import (
         ConfigError,
-        load_config,
         read_config_dict,
         save_config,
         set_pixel_threshold,
+        validate_config_dict,
     )
     from torchdefects.io import MAP_EXTENSIONS, list_inputs, read_map
 
@@ -184,11 +184,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     base_path = getattr(args, "config", None)
     if base_path is None and os.path.exists(args.output):
         base_path = args.output
+    category = getattr(args, "category", None)
     try:
         raw = read_config_dict(base_path) if base_path is not None else {"schema_version": 1}
-        base = load_config(raw, category=getattr(args, "category", None), missing_category="global")
-    except (ConfigError, OSError) as e:
+        configs = validate_config_dict(raw, base_path)
+    except ConfigError as e:
         raise UsageError(str(e)) from e
+    # A new category starts from the global block, as load_config will merge it.
+    base = configs.get(category, configs[""]) if category else configs[""]
     roi = getattr(args, "roi_xyxy_norm", None)
     if roi is None:
         roi = base.roi_xyxy_norm
@@ -246,7 +249,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         progress.close()
     threshold, provenance = cal.compute()
 
-    category = getattr(args, "category", None)
     raw = set_pixel_threshold(
         raw,
         threshold,
@@ -278,12 +280,240 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------
+# run
+# ----------------------------------------------------------------------------
+
+#: ``run`` flag (namespace name) -> DefectsConfig field it overrides.
+_RUN_OVERRIDES = {
+    "roi_xyxy_norm": "roi_xyxy_norm",
+    "defect_open_ksize": "open_ksize",
+    "defect_close_ksize": "close_ksize",
+    "defect_fill_holes": "fill_holes",
+    "defect_min_area": "min_area",
+    "defect_max_regions": "max_regions",
+    "connectivity": "connectivity",
+}
+
+
+def _int_or_key(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _max_regions(text: str) -> Optional[int]:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or none, got {text!r}") from None
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="defects for a folder of anomaly maps or images: results.jsonl, masks, overlays",
+        description=(
+            "Run the defect head over every input, batched on the device; write one JSON "
+            "record per input to OUT/results.jsonl in input order (see docs/schema.md), and "
+            "optionally masks, overlays and regions.jsonl. Flags override the config file only "
+            "when given."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    g = p.add_argument_group("inputs")
+    g.add_argument("--maps", metavar="DIR_OR_GLOB", help="anomaly maps (.npy .npz .pt .png .tif)")
+    g.add_argument("--images", metavar="DIR_OR_GLOB", help="images, with --detector")
+    g.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector for --images")
+    g.add_argument(
+        "--map-output",
+        type=_int_or_key,
+        metavar="INDEX_OR_KEY",
+        help="the map among the detector's outputs (tuple index or dict key)",
+    )
+    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="detector input")
+    g.add_argument("--mean", nargs="+", type=float, help="per-channel mean (images in [0, 1])")
+    g.add_argument("--std", nargs="+", type=float, help="per-channel std")
+    g.add_argument(
+        "--center-crop",
+        action="store_true",
+        help="resize to cover the input size, then center crop (else plain resize)",
+    )
+    g.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="original image size of --maps (adds bbox_xyxy_image; allows --mask-space image)",
+    )
+    g = p.add_argument_group("settings (flags win over the config)")
+    g.add_argument("--config", metavar="FILE", help="config file (JSON)")
+    g.add_argument("--category", metavar="NAME", help="category of the config to use")
+    g.add_argument("--pixel-threshold", type=float, metavar="T", help="explicit pixel threshold")
+    g.add_argument(
+        "--roi-xyxy-norm", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"), help="ROI"
+    )
+    g.add_argument("--defect-open-ksize", type=int, metavar="K", help="opening (0 or odd >= 3)")
+    g.add_argument("--defect-close-ksize", type=int, metavar="K", help="closing (0 or odd >= 3)")
+    g.add_argument(
+        "--defect-fill-holes",
+        action=argparse.BooleanOptionalAction,
+        help="fill holes (--no-defect-fill-holes turns it off)",
+    )
+    g.add_argument("--defect-min-area", type=int, metavar="N", help="drop smaller regions")
+    g.add_argument(
+        "--defect-max-regions", type=_max_regions, metavar="N", help="regions kept (or none)"
+    )
+    g.add_argument("--connectivity", type=int, choices=(4, 8), help="4 or 8")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    g.add_argument(
+        "--save-masks",
+        nargs="?",
+        const="config",
+        choices=("png", "npy", "npz", "config"),
+        help="write masks under OUT/masks/ (no value: the config's mask_format, else png)",
+    )
+    g.add_argument(
+        "--mask-space",
+        choices=("anomaly_map", "image"),
+        help="masks at map size (default) or image size (nearest)",
+    )
+    g.add_argument("--save-overlays", action="store_true", help="PNG pictures in OUT/overlays/")
+    g.add_argument("--regions-jsonl", action="store_true", help="also OUT/regions.jsonl")
+    g.add_argument("--resume", action="store_true", help="skip inputs already recorded")
+    g.add_argument("--overwrite", action="store_true", help="replace earlier results in OUT")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--batch-size", type=int, help="inputs per batch (default 16)")
+    g.add_argument("--num-workers", type=int, help="loader processes (default 0)")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from torchdefects.runner import RunOptions, RunUsageError, run
+
+    direct = user_set(
+        args,
+        "maps",
+        "images",
+        "detector",
+        "map_output",
+        "mean",
+        "std",
+        "center_crop",
+        "config",
+        "category",
+        "pixel_threshold",
+        "save_masks",
+        "mask_space",
+        "save_overlays",
+        "regions_jsonl",
+        "device",
+        "batch_size",
+        "num_workers",
+        "resume",
+        "overwrite",
+        "quiet",
+    )
+    for name in ("input_size", "image_size"):
+        if hasattr(args, name):
+            direct[name] = tuple(getattr(args, name))
+    overrides = {
+        field: v for flag, field in _RUN_OVERRIDES.items() for v in user_set(args, flag).values()
+    }
+    try:
+        summary = run(RunOptions(out=args.out, overrides=overrides, **direct))
+    except RunUsageError as e:
+        raise UsageError(str(e)) from e
+    print(summary.line(), file=sys.stderr)
+    return summary.exit_code
+
+
+# ----------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------
+
+
+def _add_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the scripted head (or detector + head) with its config embedded",
+        description=(
+            "Script DefectHead for the config (and category), optionally behind a TorchScript "
+            "detector, and save it with the config and threshold provenance embedded; "
+            "torch.jit.load reads it without torchdefects."
+        ),
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="config file (JSON)")
+    p.add_argument("--category", metavar="NAME", help="category of the config to use")
+    p.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector to put in front")
+    p.add_argument(
+        "--map-output",
+        type=_int_or_key,
+        metavar="INDEX_OR_KEY",
+        help="the map among the detector's outputs (tuple index or dict key)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="file to write")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from torchdefects.runner import RunUsageError, export_model
+
+    try:
+        info = export_model(
+            args.config,
+            args.output,
+            category=getattr(args, "category", None),
+            detector=getattr(args, "detector", None),
+            map_output=getattr(args, "map_output", None),
+        )
+    except RunUsageError as e:
+        raise UsageError(str(e)) from e
+    print(f"torchdefects export: {info} -> {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole job on made-up textured parts with planted defects (no download)",
+        description=(
+            "Make normal and defective textured surfaces, fit a patch-Gaussian detector on "
+            "the normal ones, calibrate the pixel threshold on normal maps, run the batch on "
+            "the test images, write masks and overlays, and count the planted defects found."
+        ),
+    )
+    p.add_argument("--out", default="torchdefects_demo", metavar="DIR", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the made-up data")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from torchdefects.demo import main as demo_main
+
+    code, _ = demo_main(out=args.out, seed=args.seed, device=resolve_device(args.device))
+    return code
+
+
+# ----------------------------------------------------------------------------
 # Parser and entry point
 # ----------------------------------------------------------------------------
 
 #: One function per command: ``f(subparsers)`` adds its parser and sets ``func``.
 #: Add a command by writing ``_add_<name>`` and appending it here.
-_COMMANDS: List[Callable[[Any], None]] = [_add_calibrate]
+_COMMANDS: List[Callable[[Any], None]] = [_add_calibrate, _add_run, _add_export, _add_demo]
 
 
 def build_parser(
