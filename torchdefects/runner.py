@@ -328,7 +328,7 @@ class _InputDataset(torch.utils.data.Dataset):
                 if nan:
                     item["error"] = ("nan_map", f"{path}: map holds {nan} NaN pixels of {a.size}")
                     return item
-                item["tensor"] = torch.from_numpy(a)
+                item["tensor"] = torch.from_numpy(a if a.flags.writeable else a.copy())
                 item["image_size"] = None
                 if self.keep_source:
                     item["source"] = a
@@ -610,12 +610,19 @@ def _settings(opts: RunOptions) -> Tuple[DefectsConfig, float, Dict[str, Any], O
 
     mask_format: Optional[str] = None
     if opts.config is not None:
-        loaded = load_config(opts.config, opts.category)
-        cfg, config_prov, mask_format = _unpack_loaded(loaded)
+        try:
+            loaded = load_config(opts.config, opts.category)
+        except (ValueError, TypeError, OSError) as e:
+            raise RunUsageError(f"--config {opts.config}: {e}") from e
+        except Exception as e:
+            if type(e).__name__ != "ConfigError":
+                raise
+            raise RunUsageError(f"--config {opts.config}: {e}") from e
+        cfg, mask_format = _unpack_loaded(loaded)
     else:
         if opts.category is not None:
             raise RunUsageError("--category needs --config")
-        cfg, config_prov = DefectsConfig(), None
+        cfg = DefectsConfig()
     unknown = sorted(set(opts.overrides) - set(OVERRIDABLE))
     if unknown:
         raise RunUsageError(f"cannot override {', '.join(unknown)}")
@@ -623,25 +630,22 @@ def _settings(opts: RunOptions) -> Tuple[DefectsConfig, float, Dict[str, Any], O
         cfg = dataclasses.replace(cfg, **opts.overrides)
     except (TypeError, ValueError) as e:
         raise RunUsageError(str(e)) from e
-    threshold, provenance = resolve_pixel_threshold(
-        opts.pixel_threshold, cfg, opts.config, config_prov
-    )
+    try:
+        threshold, provenance = resolve_pixel_threshold(opts.pixel_threshold, cfg, opts.config)
+    except ValueError as e:
+        raise RunUsageError(str(e)) from e
     cfg = dataclasses.replace(cfg, pixel_threshold=float(threshold))
     return cfg, float(threshold), provenance, mask_format
 
 
-def _unpack_loaded(loaded: Any) -> Tuple[DefectsConfig, Optional[Dict[str, Any]], Optional[str]]:
-    """Accept what load_config returns: a config, or a bundle with config and extras."""
+def _unpack_loaded(loaded: Any) -> Tuple[DefectsConfig, Optional[str]]:
+    """(config, mask format) from what load_config returns: a config, or a bundle."""
     if isinstance(loaded, DefectsConfig):
-        return loaded, None, None
+        return loaded, getattr(loaded, "mask_format", None)
     cfg = getattr(loaded, "config", None) or getattr(loaded, "defects", None)
     if cfg is None and isinstance(loaded, tuple):
         cfg = loaded[0]
-    prov = getattr(loaded, "pixel_threshold_provenance", None) or getattr(
-        loaded, "provenance", None
-    )
-    fmt = getattr(loaded, "mask_format", None)
-    return cfg, prov, fmt
+    return cfg, getattr(loaded, "mask_format", None) or getattr(cfg, "mask_format", None)
 
 
 def _load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]:
