@@ -248,8 +248,9 @@ def read_map(path: str) -> np.ndarray:
         if str(e).startswith(path):
             raise
         raise ValueError(f"{path}: cannot read map: {e}") from e
-    except (OSError, EOFError, RuntimeError, KeyError, TypeError) as e:
-        # np.load, torch.load and pillow report corrupt files with many exception types.
+    except Exception as e:
+        # np.load, torch.load and pillow report corrupt files with many exception types
+        # (OSError, EOFError, BadZipFile, UnpicklingError, RuntimeError, ...).
         raise ValueError(f"{path}: cannot read map: {type(e).__name__}: {e}") from e
 
 
