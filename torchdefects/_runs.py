@@ -6,7 +6,7 @@ runs instead of pixels makes the cost grow with the amount of foreground structu
 carry the order SciPy numbers components in.
 """
 
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,12 +39,53 @@ def _row_runs(fg: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return row, start, end
 
 
-def _fill_runs(values: Tensor, row: Tensor, start: Tensor, end: Tensor, n: int, w: int) -> Tensor:
-    """Paint ``values[i]`` (int32) over run ``i`` of an :math:`(N, W)` zero canvas."""
-    numel = n * w
-    # Add +v at each run's first pixel and -v just past its last, then a prefix sum.
-    # Integer adds commute exactly, so the result is deterministic on every device.
+class _RunPixels(NamedTuple):
+    """Where the pixels of the runs are: all of them, or (for dense masks) only bounds."""
+
+    sparse: bool
+    pos: Tensor  # flat index of every run pixel, raster order (sparse only)
+    run: Tensor  # run of every run pixel (sparse only)
+    first: Tensor  # flat index of each run's first pixel
+    stop: Tensor  # flat index just past each run's last pixel
+
+
+def _run_pixels(row: Tensor, start: Tensor, end: Tensor, width: int, numel: int) -> _RunPixels:
+    """Locate the pixels of the runs once, to paint per-run values over them.
+
+    A mask with little foreground lists its run pixels (work grows with them); a
+    dense one keeps only run bounds and paints with one prefix sum over the canvas,
+    which is then cheaper than listing half the pixels.
+    """
+    length = end - start
+    first = row * width + start
+    stop = first + length
+    total = int(length.sum())
+    if 4 * total > numel:
+        empty = torch.empty(0, dtype=torch.int64, device=row.device)
+        return _RunPixels(False, empty, empty, first, stop)
+    run = torch.repeat_interleave(torch.arange(row.shape[0], device=row.device), length)
+    begin = torch.cumsum(length, 0) - length
+    step = torch.arange(total, device=row.device) - begin.index_select(0, run)
+    pos = first.index_select(0, run) + step
+    return _RunPixels(True, pos, run, first, stop)
+
+
+def _paint_runs(values: Tensor, px: _RunPixels, numel: int, out: Optional[Tensor] = None) -> Tensor:
+    """Flat int32 canvas of ``numel`` pixels holding ``values[i]`` on run ``i``, else 0.
+
+    ``out``, when given, must already be 0 off the runs; it is painted in place.
+    """
+    if px.sparse:
+        canvas = torch.zeros(numel, dtype=torch.int32, device=values.device) if out is None else out
+        canvas.index_copy_(0, px.pos, values.index_select(0, px.run))
+        return canvas
+    # +v at each run's first pixel, -v just past its last, then a prefix sum. Integer
+    # adds commute exactly, so the result is the same on every device.
     delta = torch.zeros(numel + 1, dtype=torch.int32, device=values.device)
-    delta.index_add_(0, row * w + start, values)
-    delta.index_add_(0, row * w + end, -values)
-    return torch.cumsum(delta[:numel], 0, dtype=torch.int32).view(n, w)
+    delta.index_add_(0, px.first, values)
+    delta.index_add_(0, px.stop, -values)
+    canvas = torch.cumsum(delta[:numel], 0, dtype=torch.int32)
+    if out is not None:
+        out.copy_(canvas)
+        return out
+    return canvas

@@ -19,42 +19,34 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _fill_runs, _row_runs
+from torchdefects._runs import _paint_runs, _row_runs, _run_pixels
 
 __all__ = ["connected_components"]
 
 
 def _run_edges(
-    row: Tensor,
-    start: Tensor,
-    end: Tensor,
-    num_rows: int,
-    height: int,
-    width: int,
-    connectivity: int,
+    run_id: Tensor, row: Tensor, start: Tensor, height: int, width: int, connectivity: int
 ) -> Tuple[Tensor, Tensor]:
     """Pairs ``(u, v)`` of runs of consecutive rows of one image that touch.
 
     Two touching runs overlap (for 8-connectivity: with one column of slack) on an
     interval that begins at the start of one of them, so it is enough to look, from
     each run's start, at the pixel above and below it (and, for 8-connectivity, at
-    the one before each of those). A map of run ids, one flat pass over the pixels,
+    the one before each of those). ``run_id``, the flat map of 1-based run ids,
     answers each look in O(1).
     """
-    num_runs = row.shape[0]
-    ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=row.device)
-    # One zero column on the left turns the look at column -1 into a miss.
-    run_id = _fill_runs(ids, row, start + 1, end + 1, num_rows, width + 1).view(-1)
+    num_rows = run_id.shape[0] // width
     y = torch.remainder(row, height)
     us: List[Tensor] = []
     vs: List[Tensor] = []
-    offsets = [1] if connectivity == 4 else [0, 1]
+    offsets = [0] if connectivity == 4 else [-1, 0]
     for dy in [-1, 1]:
         inside = (y != 0) if dy == -1 else (y != height - 1)
-        base = (row + dy).clamp(0, max(num_rows - 1, 0)) * (width + 1) + start
+        base = (row + dy).clamp(0, num_rows - 1) * width + start
         for dx in offsets:
-            other = run_id.index_select(0, base + dx).to(torch.int64) - 1
-            u = torch.nonzero(inside & (other >= 0)).view(-1)
+            look = inside if dx == 0 else inside & (start > 0)
+            other = run_id.index_select(0, (base + dx).clamp(min=0)).to(torch.int64) - 1
+            u = torch.nonzero(look & (other >= 0)).view(-1)
             us.append(u)
             vs.append(other.index_select(0, u))
     return torch.cat(us), torch.cat(vs)
@@ -124,7 +116,11 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     if num_runs == 0:
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
 
-    u, v = _run_edges(row, start, end, b * h, h, w, connectivity)
+    numel = b * h * w
+    px = _run_pixels(row, start, end, w, numel)
+    ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=mask.device)
+    canvas = _paint_runs(ids, px, numel)
+    u, v = _run_edges(canvas, row, start, h, w, connectivity)
     root = _union_find(num_runs, u, v)
 
     image = torch.div(row, h, rounding_mode="floor")
@@ -134,5 +130,5 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     rank = torch.cumsum(is_root, 0)
     run_label = rank.index_select(0, root) - first_of_image.index_select(0, image)
     run_label = run_label.to(torch.int32)
-    labels = _fill_runs(run_label, row, start, end, b * h, w)
+    labels = _paint_runs(run_label, px, numel, out=canvas)
     return labels.view(mask.shape), counts

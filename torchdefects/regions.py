@@ -1,0 +1,230 @@
+"""Per-region statistics by scatter-reduce, and the choice of regions to report.
+
+Statistics are reduced per horizontal run first (a run's pixels are contiguous in
+raster order), then per region, in a fixed order: the same bits on every run and
+whatever the batch position. Integer statistics (area, bbox, centroid sums) are
+exact; score sums accumulate in float64.
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from torchdefects._check import _as_bhw
+from torchdefects._runs import _row_runs, _run_pixels
+
+__all__ = ["Regions", "region_stats", "select_regions"]
+
+
+class Regions(NamedTuple):
+    """Regions of a batch as flat tensors, grouped by image in batch order.
+
+    Attributes:
+        batch_index: int64 :math:`(R,)`, image of each region.
+        label: int64 :math:`(R,)`, the region's value in the label map.
+        area: int64 :math:`(R,)`, pixel count.
+        bbox_xyxy: int64 :math:`(R, 4)`, inclusive ``[x1, y1, x2, y2]`` (x = column).
+        centroid_xy: float64 :math:`(R, 2)`, mean ``[x, y]`` of the pixels.
+        score_max: :math:`(R,)` max of the anomaly map over the region's pixels.
+        score_mean: :math:`(R,)` mean of the anomaly map over the region's pixels.
+            Both are float32 (float64 for a float64 map), and NaN when no map
+            was given.
+    """
+
+    batch_index: Tensor
+    label: Tensor
+    area: Tensor
+    bbox_xyxy: Tensor
+    centroid_xy: Tensor
+    score_max: Tensor
+    score_mean: Tensor
+
+
+def _segment(values: Tensor, reduce: str, lengths: Tensor) -> Tensor:
+    if values.numel() == 0:
+        return torch.zeros(lengths.shape, dtype=values.dtype, device=values.device)
+    return torch.segment_reduce(values, reduce, lengths=lengths)
+
+
+def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] = None) -> Regions:
+    r"""Area, bbox, centroid and scores of every labeled region of a batch.
+
+    Args:
+        labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)` integer labels, 0 for
+            background and ``1..counts[b]`` for the regions of image ``b``, each
+            present (as :func:`~torchdefects.connected_components` returns them).
+        counts: int :math:`(B,)`, regions per image.
+        anomaly_map: optional :math:`(B, H, W)` or :math:`(B, 1, H, W)` float map
+            for ``score_max`` / ``score_mean``; NaN pixels propagate.
+
+    Returns:
+        :class:`Regions` ordered by ``(batch_index, label)``. Area, bbox and centroid
+        equal ``cv2.connectedComponentsWithStats``; scores equal
+        ``scipy.ndimage.maximum`` / ``mean`` per label.
+
+    Example:
+        >>> mask = torch.tensor([[[1, 1, 0], [0, 0, 0], [0, 1, 1]]])
+        >>> labels, counts = connected_components(mask)
+        >>> region_stats(labels, counts).area
+        tensor([2, 2])
+    """
+    lab = _as_bhw(labels, "labels")
+    b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
+    if counts.dim() != 1 or counts.shape[0] != b:
+        raise ValueError(f"counts must have shape ({b},) to match labels, got {list(counts.shape)}")
+    if anomaly_map is not None:
+        amap = _as_bhw(anomaly_map, "anomaly_map")
+        if amap.shape != lab.shape:
+            raise ValueError(
+                f"anomaly_map must have the shape of labels {list(lab.shape)}, "
+                f"got {list(amap.shape)}"
+            )
+    device = lab.device
+    counts = counts.to(torch.int64)
+    num_regions = int(counts.sum())
+    first_of_image = torch.cumsum(counts, 0) - counts
+
+    row, start, end = _row_runs((lab != 0).reshape(b * h, w))
+    length = end - start
+    image = torch.div(row, h, rounding_mode="floor")
+    y = row - image * h
+    run_label = lab.reshape(-1).index_select(0, row * w + start).to(torch.int64)
+    if row.shape[0] > 0 and bool((run_label > counts.index_select(0, image)).any()):
+        raise ValueError("labels hold a label larger than counts for its image")
+    region = first_of_image.index_select(0, image) + run_label - 1
+
+    i64 = torch.int64
+    area = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, length)
+    x1 = torch.full((num_regions,), w, dtype=i64, device=device)
+    x2 = torch.full((num_regions,), -1, dtype=i64, device=device)
+    y1 = torch.full((num_regions,), h, dtype=i64, device=device)
+    y2 = torch.full((num_regions,), -1, dtype=i64, device=device)
+    x1.scatter_reduce_(0, region, start, reduce="amin")
+    x2.scatter_reduce_(0, region, end - 1, reduce="amax")
+    y1.scatter_reduce_(0, region, y, reduce="amin")
+    y2.scatter_reduce_(0, region, y, reduce="amax")
+    # Sums of pixel coordinates are exact integers: a run adds start + ... + end - 1.
+    sum_x = torch.zeros(num_regions, dtype=i64, device=device)
+    sum_x.index_add_(0, region, torch.div((start + end - 1) * length, 2, rounding_mode="floor"))
+    sum_y = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, y * length)
+    denom = area.to(torch.float64)
+    centroid = torch.stack([sum_x.to(torch.float64) / denom, sum_y.to(torch.float64) / denom], 1)
+
+    batch_index = torch.repeat_interleave(torch.arange(b, device=device), counts)
+    label = torch.arange(num_regions, device=device) - first_of_image.index_select(0, batch_index)
+
+    score_dtype = torch.float32
+    if anomaly_map is not None and anomaly_map.dtype == torch.float64:
+        score_dtype = torch.float64
+    if anomaly_map is None:
+        nan = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
+        score_max, score_mean = nan, nan.clone()
+    else:
+        flat = _as_bhw(anomaly_map, "anomaly_map").reshape(-1)
+        px = _run_pixels(row, start, end, w, b * h * w)
+        if px.sparse:
+            values = flat.index_select(0, px.pos)
+        else:
+            values = flat.masked_select(lab.reshape(-1) != 0)
+        values = values.to(score_dtype)
+        run_max = _segment(values, "max", length)
+        run_sum = _segment(values.to(torch.float64), "sum", length)
+        # Runs of a region, in raster order, reduced in that order.
+        order = torch.sort(region, stable=True).indices
+        runs_per_region = torch.zeros(num_regions, dtype=i64, device=device)
+        runs_per_region.index_add_(0, region, torch.ones_like(region))
+        score_max = _segment(run_max.index_select(0, order), "max", runs_per_region)
+        total = _segment(run_sum.index_select(0, order), "sum", runs_per_region)
+        score_mean = (total / denom).to(score_dtype)
+
+    return Regions(
+        batch_index=batch_index,
+        label=label + 1,
+        area=area,
+        bbox_xyxy=torch.stack([x1, y1, x2, y2], 1),
+        centroid_xy=centroid,
+        score_max=score_max,
+        score_mean=score_mean,
+    )
+
+
+def _take(regions: Regions, index: Tensor) -> Regions:
+    return Regions(
+        batch_index=regions.batch_index.index_select(0, index),
+        label=regions.label.index_select(0, index),
+        area=regions.area.index_select(0, index),
+        bbox_xyxy=regions.bbox_xyxy.index_select(0, index),
+        centroid_xy=regions.centroid_xy.index_select(0, index),
+        score_max=regions.score_max.index_select(0, index),
+        score_mean=regions.score_mean.index_select(0, index),
+    )
+
+
+def select_regions(
+    labels: Tensor,
+    regions: Regions,
+    num_images: int,
+    min_area: int = 0,
+    max_regions: Optional[int] = None,
+) -> Tuple[Tensor, Regions, Tensor]:
+    r"""Drop small regions, sort the rest and keep the first ``max_regions`` per image.
+
+    Within an image, regions are sorted by ``score_max`` descending, then ``area``
+    descending, then ``label`` ascending (NaN scores tie). Kept regions keep their
+    label numbers; dropped ones become background in the returned labels.
+
+    Args:
+        labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)` int labels that ``regions``
+            describes (:func:`region_stats` order).
+        regions: :class:`Regions` from :func:`region_stats`.
+        num_images: ``B``.
+        min_area: regions with fewer pixels are dropped.
+        max_regions: at most this many regions per image; ``None`` keeps all.
+
+    Returns:
+        ``(labels, regions, num_regions)``: labels with only the kept regions (same
+        shape and dtype), the kept :class:`Regions` sorted, and int64
+        :math:`(B,)` counts.
+    """
+    if min_area < 0:
+        raise ValueError(f"min_area must be an integer >= 0, got {min_area}")
+    if max_regions is not None and max_regions < 1:
+        raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
+    device = regions.area.device
+    total = regions.area.shape[0]
+    first_of_image = torch.zeros(num_images, dtype=torch.int64, device=device)
+    first_of_image.index_add_(0, regions.batch_index, torch.ones_like(regions.batch_index))
+    first_of_image = torch.cumsum(first_of_image, 0) - first_of_image
+
+    keep = torch.nonzero(regions.area >= min_area).view(-1)
+    out = _take(regions, keep)
+    # Lexicographic sort by successive stable sorts, least significant key first; the
+    # input is ordered by (batch_index, label) already.
+    order = torch.sort(out.area, descending=True, stable=True).indices
+    score = out.score_max.index_select(0, order)
+    order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
+    batch = out.batch_index.index_select(0, order)
+    order = order.index_select(0, torch.sort(batch, stable=True).indices)
+    out = _take(out, order)
+
+    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
+    num_regions.index_add_(0, out.batch_index, torch.ones_like(out.batch_index))
+    if max_regions is not None:
+        first_kept = torch.cumsum(num_regions, 0) - num_regions
+        rank = torch.arange(out.area.shape[0], device=device)
+        rank = rank - first_kept.index_select(0, out.batch_index)
+        out = _take(out, torch.nonzero(rank < max_regions).view(-1))
+        num_regions = num_regions.clamp(max=max_regions)
+
+    if out.area.shape[0] == total:
+        return labels, out, num_regions
+    # Relabel through a per-image table: entry (b, l) is l if region l of image b is kept.
+    lab = _as_bhw(labels, "labels")
+    b = lab.shape[0]
+    width = int(regions.label.max()) + 1 if total > 0 else 1
+    table = torch.zeros(num_images * width, dtype=lab.dtype, device=device)
+    table.index_copy_(0, out.batch_index * width + out.label, out.label.to(lab.dtype))
+    base = (torch.arange(b, device=device) * width).to(lab.dtype).view(b, 1, 1)
+    kept = table.index_select(0, (lab + base).reshape(-1)).view(labels.shape)
+    return kept, out, num_regions
