@@ -463,19 +463,32 @@ def _add_export(sub: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from torchdefects.runner import RunUsageError, export_model
+    import torch
+
+    from torchdefects.config import ConfigError, load_config
+    from torchdefects.export import attach, save_scripted
+    from torchdefects.head import DefectHead
 
     try:
-        info = export_model(
-            args.config,
-            args.output,
-            category=getattr(args, "category", None),
-            detector=getattr(args, "detector", None),
-            map_output=getattr(args, "map_output", None),
-        )
-    except RunUsageError as e:
+        cfg = load_config(args.config, getattr(args, "category", None))
+    except (ConfigError, OSError) as e:
         raise UsageError(str(e)) from e
-    print(f"torchdefects export: {info} -> {args.output}", file=sys.stderr)
+    module: Any = DefectHead(cfg)
+    what = "DefectHead"
+    if hasattr(args, "detector"):
+        try:
+            detector = torch.jit.load(args.detector, map_location="cpu")
+        except Exception as e:
+            raise UsageError(f"--detector {args.detector}: cannot load TorchScript: {e}") from e
+        module = attach(detector, module, output=getattr(args, "map_output", None))
+        what = "detector + DefectHead"
+    elif hasattr(args, "map_output"):
+        raise UsageError("--map-output needs --detector")
+    save_scripted(module, args.output, config=cfg, provenance=cfg.pixel_threshold_provenance)
+    print(
+        f"torchdefects export: {what} (pixel_threshold={cfg.pixel_threshold}) -> {args.output}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 

@@ -187,7 +187,7 @@ def render_overlay(
         if scores is not None:
             parts.append(f"{float(scores[i]):.3g}")
         if parts:
-            text = " ".join(parts)
+            text = ": ".join(parts)
             tx, ty = rect[0], rect[1] - 12
             if ty < 0:
                 ty = rect[3] + 2
