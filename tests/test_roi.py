@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchdefects.roi import roi_bounds, roi_mask, roi_tensor
+from torchdefects.roi import roi_bounds, roi_mask, roi_stats, roi_tensor
 
 
 def ref_roi_mask(roi, h, w):
@@ -101,3 +101,30 @@ def test_exceptions():
         roi_tensor([0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match=r"roi\[2\] must be a finite number, got nan"):
         roi_tensor([0.1, 0.2, float("nan"), 0.4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_roi_stats_vs_numpy(dtype, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 9, 13, generator=g).to(dtype)
+    x[0, 0, 2:5, 3:6] = float("nan")
+    x[1] = float("nan")  # all NaN: NaN out
+    x[2, 0, 4, 4] = float("inf")
+    for roi in (None, [0.3, 0.1, 0.9, 0.6], [0.5, 0.5, 0.5, 0.5]):
+        t = None if roi is None else torch.tensor(roi, dtype=torch.float64, device=device)
+        mx, mean = roi_stats(x.to(device), t)
+        assert mx.dtype == torch.float32 and mean.dtype == torch.float32 and mx.shape == (4,)
+        inside = ref_roi_mask(roi or [0, 0, 1, 1], 9, 13)
+        for i in range(4):
+            v = x[i, 0].double().numpy()[inside]
+            v = v[~np.isnan(v)]
+            want_max = np.float32(v.max()) if v.size else np.nan
+            want_mean = v.mean() if v.size else np.nan
+            np.testing.assert_array_equal(mx[i].item(), want_max)
+            np.testing.assert_allclose(mean[i].item(), want_mean, rtol=1e-6)
+    scripted = torch.jit.script(roi_stats)
+    for a, b in zip(scripted(x, None), roi_stats(x)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    empty_max, empty_mean = roi_stats(torch.zeros(2, 0, 5))
+    assert empty_max.isnan().all() and empty_mean.isnan().all()
+    assert roi_stats(torch.zeros(0, 1, 5, 5))[0].shape == (0,)

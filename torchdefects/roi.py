@@ -5,9 +5,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from torchdefects._check import check_roi
+from torchdefects._check import _as_b1hw, _check_float_map, check_roi
 
-__all__ = ["roi_bounds", "roi_mask", "roi_tensor"]
+__all__ = ["roi_bounds", "roi_mask", "roi_stats", "roi_tensor"]
 
 
 def roi_tensor(roi: Optional[Sequence[float]], device: Optional[torch.device] = None) -> Tensor:
@@ -91,3 +91,38 @@ def roi_mask(roi: Tensor, height: int, width: int) -> Tensor:
     inside_cols = (cols >= col_start) & (cols < col_stop)
     inside_rows = (rows >= row_start) & (rows < row_stop)
     return inside_rows.unsqueeze(1) & inside_cols.unsqueeze(0)
+
+
+def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Max and mean of each map over the ROI pixels, NaN pixels ignored.
+
+    Computed in float32 (float64 for float64 maps) and returned as float32. An image with no
+    ROI pixel that is not NaN (an empty ROI, an all-NaN ROI, a 0-sized map) gets NaN for both.
+
+    Args:
+        anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)`, float16/bfloat16/float32/float64.
+        roi: :math:`(4,)` normalized ``[x1, y1, x2, y2]``, or ``None`` for the whole map.
+
+    Returns:
+        ``(roi_max, roi_mean)``, two float32 tensors of shape :math:`(B,)`.
+
+    Example:
+        >>> m = torch.tensor([[[1.0, float("nan")], [3.0, 8.0]]])
+        >>> roi_stats(m, torch.tensor([0.0, 0.0, 0.5, 1.0]))
+        (tensor([3.]), tensor([2.]))
+    """
+    _check_float_map(anomaly_map, "anomaly_map")
+    x = _as_b1hw(anomaly_map, "anomaly_map")
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    x = x.reshape(batch, height * width)
+    valid = ~torch.isnan(x)
+    if roi is not None:
+        valid = valid & roi_mask(roi.to(x.device), height, width).reshape(1, height * width)
+    count = valid.sum(1)
+    lowest = torch.full((batch, 1), float("-inf"), dtype=x.dtype, device=x.device)
+    # The extra -inf column keeps amax defined on 0-sized maps.
+    maximum = torch.cat([torch.where(valid, x, lowest), lowest], dim=1).amax(1)
+    maximum = torch.where(count > 0, maximum, torch.full_like(maximum, float("nan")))
+    mean = torch.where(valid, x, torch.zeros_like(x)).sum(1) / count
+    return maximum.float(), mean.float()

@@ -8,10 +8,10 @@ from torch import Tensor
 from torchdefects._check import _as_b1hw, _as_per_image, _check_float_map
 from torchdefects.roi import roi_mask
 
-__all__ = ["binarize", "compare_dtype"]
+__all__ = ["binarize"]
 
 
-def compare_dtype(map_dtype: torch.dtype) -> torch.dtype:
+def _compare_dtype(map_dtype: torch.dtype) -> torch.dtype:
     """The dtype :func:`binarize` compares in: float64 for float64 maps, else float32."""
     if map_dtype == torch.float64:
         return torch.float64
@@ -52,7 +52,7 @@ def binarize(anomaly_map: Tensor, pixel_threshold: Tensor, roi: Optional[Tensor]
     _check_float_map(anomaly_map, "anomaly_map")
     x = _as_b1hw(anomaly_map, "anomaly_map")
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-    dtype = compare_dtype(x.dtype)
+    dtype = _compare_dtype(x.dtype)
     thr = _as_per_image(pixel_threshold, batch, "pixel_threshold")
     thr = thr.to(device=x.device, dtype=dtype).view(batch, 1, 1, 1)
     mask = x.to(dtype) >= thr
