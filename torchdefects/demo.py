@@ -100,6 +100,7 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.
     fx = np.fft.fftfreq(w)[None, :]
     g = np.exp(-2 * (np.pi * sigma) ** 2 * (fx**2 + fy**2))
     s = np.real(np.fft.ifft2(np.fft.fft2(n) * g))
+    s = s - s.mean()
     return s / (s.std() + 1e-12)
 
 
@@ -111,7 +112,7 @@ def make_surface(rng: np.random.Generator, size: int = 128) -> np.ndarray:
     phase = rng.uniform(0, 2 * np.pi)
     weave = np.sin(2 * np.pi * (x * np.cos(theta) + y * np.sin(theta)) / period + phase)
     grain = _smooth_noise(rng, size, size, 1.0)
-    shade = _smooth_noise(rng, size, size, 24.0)
+    shade = _smooth_noise(rng, size, size, 24.0 * size / 128)
     img = 0.55 + 0.10 * weave + 0.04 * grain + 0.03 * shade
     return np.clip(img, 0.0, 1.0)
 
