@@ -188,10 +188,11 @@ class _AttachedKey(nn.Module):
             if not isinstance(out, dict):
                 raise TypeError(
                     f"detector returned {type(out).__name__}, not a dict: "
-                    f"output={self.key!r} needs a dict"
+                    f"output='{self.key}' needs a dict"
                 )
             if self.key not in out:
-                raise KeyError(f"detector output has no key {self.key!r}; keys: {sorted(out)}")
+                keys = ", ".join(sorted(out))
+                raise KeyError(f"detector output has no key '{self.key}'; keys: {keys}")
         return self.head(out[self.key], pixel_threshold)
 
 
