@@ -215,7 +215,10 @@ class PixelThresholdCalibrator:
         b, h, w = x.shape
         r0, r1, c0, c1 = _roi_slices(self.roi_xyxy_norm, h, w)
         roi = x[:, r0:r1, c0:c1]
-        n_nan = int(torch.isnan(roi).sum()) if roi.numel() else 0
+        n_nan = 0
+        # A float sum is much cheaper than counting; it is NaN whenever a NaN is present.
+        if roi.numel() and bool(torch.isnan(roi.sum())):
+            n_nan = int(torch.count_nonzero(torch.isnan(roi)))
         if n_nan and self.nan_policy == "raise":
             raise ValueError(
                 f"maps contain {n_nan} NaN pixels inside the ROI in this batch of {b}; "
@@ -239,8 +242,10 @@ class PixelThresholdCalibrator:
         key = vals.to(self._dtype) if self._high else -vals.to(self._dtype)
         self._n += key.numel()
         if self._cut is not None:
-            self._cut_ties += int((key == self._cut).sum())
-            key = key[key > self._cut]
+            key = key[key >= self._cut]  # one pass over the batch; the rest is small
+            at_cut = key == self._cut
+            self._cut_ties += int(torch.count_nonzero(at_cut))
+            key = key[~at_cut]
         elif key.untyped_storage().data_ptr() == maps.untyped_storage().data_ptr():
             key = key.clone()  # never hold on to (or alias) the caller's tensor
         if key.numel():
@@ -263,11 +268,16 @@ class PixelThresholdCalibrator:
             return
         # (keep+1)-th largest == (n-keep)-th smallest
         cut = torch.kthvalue(allk, allk.numel() - keep).values
-        self._cut_ties = int((allk == cut).sum())
+        self._cut_ties = int(torch.count_nonzero(allk == cut))
         kept = allk[allk > cut]
         self._cut = cut
         self._chunks = [kept] if kept.numel() else []
         self._kept = kept.numel()
+
+    @property
+    def kept_count(self) -> int:
+        """How many values are held now (the memory used, in values of the maps' dtype)."""
+        return self._kept
 
     # ------------------------------------------------------------------ compute
 
