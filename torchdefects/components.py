@@ -27,26 +27,32 @@ __all__ = ["connected_components"]
 def _run_edges(
     run_id: Tensor, row: Tensor, start: Tensor, height: int, width: int, connectivity: int
 ) -> Tuple[Tensor, Tensor]:
-    """Pairs ``(u, v)`` of runs of consecutive rows of one image that touch.
+    """Pairs ``(u, v)`` of runs of consecutive rows of one image that touch, each once.
 
     Two touching runs overlap (for 8-connectivity: with one column of slack) on an
     interval that begins at the start of one of them, so it is enough to look, from
     each run's start, at the pixel above and below it (and, for 8-connectivity, at
-    the one before each of those). ``run_id``, the flat map of 1-based run ids,
-    answers each look in O(1).
+    the one before each of those). A pair is kept from the side of the run that
+    starts later (from below on a tie), so each appears once. ``run_id``, the flat
+    map of 1-based run ids, answers each look in O(1).
     """
     num_rows = run_id.shape[0] // width
     y = torch.remainder(row, height)
     us: List[Tensor] = []
     vs: List[Tensor] = []
-    offsets = [0] if connectivity == 4 else [-1, 0]
     for dy in [-1, 1]:
         inside = (y != 0) if dy == -1 else (y != height - 1)
         base = (row + dy).clamp(0, num_rows - 1) * width + start
-        for dx in offsets:
-            look = inside if dx == 0 else inside & (start > 0)
-            other = run_id.index_select(0, (base + dx).clamp(min=0)).to(torch.int64) - 1
-            u = torch.nonzero(look & (other >= 0)).view(-1)
+        here = run_id.index_select(0, base).to(torch.int64) - 1
+        found = [here]
+        if connectivity == 8:
+            before = run_id.index_select(0, (base - 1).clamp(min=0)).to(torch.int64) - 1
+            found.append(torch.where((start > 0) & (before != here), before, -1))
+        for other in found:
+            hit = inside & (other >= 0)
+            other_start = start.index_select(0, other.clamp(min=0))
+            hit = hit & ((other_start <= start) if dy == -1 else (other_start < start))
+            u = torch.nonzero(hit).view(-1)
             us.append(u)
             vs.append(other.index_select(0, u))
     return torch.cat(us), torch.cat(vs)
