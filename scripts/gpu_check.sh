@@ -10,6 +10,7 @@
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check_out}}
+device=${GPU_CHECK_DEVICE:-cuda}  # cpu: dry run of this script on a machine without a GPU
 mkdir -p "$out"
 summary="$out/summary.txt"
 : > "$summary"
@@ -38,13 +39,13 @@ PY
 
 # CUDA tests: every test parametrized on device=cuda, plus CUDA-only tests.
 note "== pytest -m cuda"
-timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
+timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
 note "pytest: $(grep -E '(passed|failed|error)' "$out/pytest_cuda.log" | tail -n 1)"
 
 for bench in scripts/bench_*.py; do
     name=$(basename "$bench" .py)
-    note "== $name --device cuda --quick"
-    timeout 150 python3 "$bench" --device cuda --quick --json "$out/$name.json" \
+    note "== $name --device $device --quick"
+    timeout 150 python3 "$bench" --device "$device" --quick --json "$out/$name.json" \
         > "$out/$name.log" 2>&1
     rc=$?
     tail -n 20 "$out/$name.log" | tee -a "$summary"
