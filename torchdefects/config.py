@@ -271,9 +271,11 @@ def load_config(
     """
     if isinstance(path_or_dict, dict):
         raw, source = path_or_dict, None
-    else:
+    elif isinstance(path_or_dict, (str, os.PathLike)):
         source = os.fspath(path_or_dict)
         raw = read_config_dict(source)
+    else:
+        raise ConfigError(f"config must be a path or a dict, got {type(path_or_dict).__name__}")
     configs = validate_config_dict(raw, source)
     known = sorted(k for k in configs if k)
     if category is None:
