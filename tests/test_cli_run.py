@@ -1,0 +1,348 @@
+"""``torchdefects run`` / ``export`` from the command line: precedence, exit codes,
+kill-and-resume, two gloo processes, and exported files loaded without torchdefects."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from torchdefects import io as tdio
+from torchdefects.cli import main
+from torchdefects.config import DefectsConfig, load_config
+from torchdefects.head import DefectHead
+
+
+def _maps(d, n, seed=0, h=16, w=16):
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = (rng.random((h, w)) * 0.5).astype(np.float32)
+        y, x = rng.integers(2, h - 6), rng.integers(2, w - 6)
+        a[y : y + 4, x : x + 3] = 0.8 + 0.2 * rng.random((4, 3))
+        a[y + 1, x + 1] = 0.3  # a hole for fill_holes to close
+        if i % 3 == 0:
+            a[h - 2, w - 2] = 0.9  # a one-pixel speck that min_area removes
+        np.save(d / f"m{i:03d}.npy", a)
+    return sorted(str(p) for p in d.iterdir())
+
+
+def _regions(cfg, path):
+    d = DefectHead(cfg)(torch.from_numpy(np.load(path))[None, None])
+    return [
+        (int(lab), [int(v) for v in box], int(area))
+        for lab, box, area in zip(d.regions.label, d.regions.bbox_xyxy.tolist(), d.regions.area)
+    ]
+
+
+def _got(out):
+    return [
+        (
+            r["input"],
+            r["defects"]["pixel_threshold"],
+            r["defects"]["pixel_threshold_provenance"]["source"],
+            [(g["id"], g["bbox_xyxy"], g["area"]) for g in r["defects"]["regions"]],
+        )
+        for r in tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
+    ]
+
+
+def test_flags_override_config_only_when_given(tmp_path):
+    paths = _maps(tmp_path / "maps", 4)
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "defects": {"pixel_threshold": 0.5, "min_area": 5, "fill_holes": True},
+                "per_category": {"bolt": {"defects": {"pixel_threshold": 0.75}}},
+            }
+        )
+    )
+    base = ["run", "--maps", str(tmp_path / "maps"), "--config", str(cfg_path), "--quiet"]
+    global_cfg = load_config(str(cfg_path), "bolt")
+    assert global_cfg.pixel_threshold == 0.75
+
+    cases = [
+        ([], {"pixel_threshold": 0.75}, "config"),
+        # Flags equal to the library defaults (min_area 0, no fill) still override the file.
+        (
+            ["--defect-min-area", "0", "--no-defect-fill-holes"],
+            {"pixel_threshold": 0.75, "min_area": 0, "fill_holes": False},
+            "config",
+        ),
+        (["--pixel-threshold", "0.6"], {"pixel_threshold": 0.6}, "explicit"),
+        (
+            ["--connectivity", "4", "--defect-max-regions", "1", "--defect-open-ksize", "3"],
+            {"pixel_threshold": 0.75, "connectivity": 4, "max_regions": 1, "open_ksize": 3},
+            "config",
+        ),
+    ]
+    seen = []
+    for i, (flags, fields, source) in enumerate(cases):
+        out = str(tmp_path / f"out{i}")
+        assert main([*base, "--category", "bolt", "--out", out, *flags]) == 0
+        want_cfg = dataclasses.replace(
+            DefectsConfig(pixel_threshold=0.5, min_area=5, fill_holes=True), **fields
+        )
+        want = [(p, want_cfg.pixel_threshold, source, _regions(want_cfg, p)) for p in paths]
+        assert _got(out) == want, flags
+        seen.append(want)
+    assert seen[0] != seen[1]  # the overrides changed the result
+    assert all(any(w[3] for w in want) for want in seen[:3])
+
+
+def test_exit_codes(tmp_path, capsys):
+    _maps(tmp_path / "maps", 2)
+    maps = str(tmp_path / "maps")
+    out = str(tmp_path / "out")
+    assert main(["run", "--maps", maps, "--out", out, "--quiet"]) == 2
+    assert "requires a pixel threshold" in capsys.readouterr().err
+    assert main(["run", "--maps", maps, "--pixel-threshold", "0.5"]) == 2  # no --out
+    assert (
+        main(["run", "--maps", maps, "--images", maps, "--out", out, "--pixel-threshold", "1"]) == 2
+    )
+    assert (
+        main(
+            [
+                "run",
+                "--maps",
+                maps,
+                "--out",
+                out,
+                "--pixel-threshold",
+                "0.5",
+                "--defect-open-ksize",
+                "2",
+            ]
+        )
+        == 2
+    )
+    assert "open_ksize must be 0 or an odd integer >= 3" in capsys.readouterr().err
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "2 inputs, 2 processed" in err and "0 errors" in err
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5"]) == 2
+    (tmp_path / "maps" / "broken.npy").write_bytes(b"\x93NUMPY broken")
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 3
+    assert "1 processed, 2 skipped" in capsys.readouterr().err
+    recs = tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
+    assert [os.path.basename(r["input"]) for r in recs] == ["m000.npy", "m001.npy", "broken.npy"]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
+def test_sigkill_then_resume_gives_one_record_per_input(tmp_path):
+    paths = _maps(tmp_path / "maps", 150, h=24, w=24)
+    args = [
+        "run",
+        "--maps",
+        str(tmp_path / "maps"),
+        "--pixel-threshold",
+        "0.6",
+        "--defect-min-area",
+        "2",
+        "--save-masks",
+        "png",
+        "--save-overlays",
+        "--regions-jsonl",
+        "--batch-size",
+        "3",
+        "--quiet",
+    ]
+    ref = str(tmp_path / "ref")
+    assert main([*args, "--out", ref]) == 0
+
+    out = str(tmp_path / "out")
+    results = os.path.join(out, "results.jsonl")
+    cmd = [sys.executable, "-m", "torchdefects", *args, "--out", out]
+    kills = 0
+    for attempt, min_lines in enumerate((3, 40)):
+        proc = subprocess.Popen(
+            cmd + (["--resume"] if attempt else []), env=_env(), stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _lines(results) >= min_lines:
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 1, "the run finished before it could be killed"
+    assert _lines(results) < len(paths)
+    done = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    contents = tdio.read_jsonl(results)
+    assert contents.torn_line is None
+    assert [r["input"] for r in contents.records] == paths
+    # Byte for byte what an uninterrupted run writes, regions included.
+    for name in ("results.jsonl", "regions.jsonl"):
+        with open(os.path.join(ref, name), "rb") as a, open(os.path.join(out, name), "rb") as b:
+            assert a.read() == b.read(), name
+    for r in contents.records:
+        assert os.path.isfile(os.path.join(out, r["defects"]["mask"]["path"]))
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    _maps(tmp_path / "maps", 9)
+    (tmp_path / "maps" / "m004.npy").write_bytes(b"not a map")
+    args = [
+        "run",
+        "--maps",
+        str(tmp_path / "maps"),
+        "--pixel-threshold",
+        "0.6",
+        "--save-masks",
+        "npy",
+        "--regions-jsonl",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
+    one = str(tmp_path / "one")
+    assert main([*args, "--out", one]) == 3
+    two = str(tmp_path / "two")
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = _env()
+        env.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            GLOO_SOCKET_IFNAME="lo",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "torchdefects", *args, "--out", two],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    codes = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        codes.append(p.returncode)
+        assert p.returncode in (0, 3), err
+    assert codes[0] == 3  # rank 0 reports on the merged results
+    for name in ("results.jsonl", "regions.jsonl"):
+        with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert sorted(os.listdir(two)) == ["masks", "regions.jsonl", "results.jsonl"]
+    assert sorted(os.listdir(os.path.join(two, "masks"))) == sorted(
+        os.listdir(os.path.join(one, "masks"))
+    )
+
+
+class _Det(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x: torch.Tensor):
+        return (x.mean(dim=1, keepdim=True), torch.sigmoid(self.conv(x) * 4.0))
+
+
+_LOAD_WITHOUT_TORCHDEFECTS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchdefects" or name.startswith("torchdefects."):
+            raise ImportError("torchdefects is blocked in this test")
+sys.meta_path.insert(0, _Block())
+try:
+    import torchdefects  # noqa: F401
+    raise SystemExit("torchdefects was importable")
+except ImportError:
+    pass
+import json, torch
+extra = {"defects_config.json": ""}
+m = torch.jit.load(sys.argv[1], _extra_files=extra)
+x = torch.load(sys.argv[2])
+d = m(x)
+torch.save({"mask": d.mask, "bbox": d.regions.bbox_xyxy, "n": d.num_regions,
+            "config": json.loads(extra["defects_config.json"])}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("with_detector", [False, True])
+def test_export_then_load_without_torchdefects(tmp_path, with_detector):
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(
+        json.dumps({"defects": {"pixel_threshold": 0.6, "open_ksize": 3, "min_area": 2}})
+    )
+    out = str(tmp_path / "model.pt")
+    argv = ["export", "--config", str(cfg_path), "-o", out]
+    torch.manual_seed(1)
+    x = torch.rand(3, 3, 20, 24) * 0.5
+    x[0, :, 4:10, 5:9] = 0.9  # a defect in image 0, two in image 2
+    x[2, :, 12:16, 2:8] = 0.8
+    x[2, :, 1:4, 15:22] = 0.95
+    if with_detector:
+        det = torch.jit.script(_Det())
+        det.save(str(tmp_path / "det.pt"))
+        argv += ["--detector", str(tmp_path / "det.pt"), "--map-output", "0"]
+        maps = det(x)[0]
+    else:
+        x = x[:, :1]
+        maps = x
+    assert main(argv) == 0
+    torch.save(x, tmp_path / "x.pt")
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_WITHOUT_TORCHDEFECTS)
+    res = subprocess.run(
+        [sys.executable, str(script), out, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        env=_env(),
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    got = torch.load(tmp_path / "y.pt")
+    want = DefectHead(load_config(str(cfg_path)))(maps)
+    assert torch.equal(got["mask"], want.mask)
+    assert torch.equal(got["bbox"], want.regions.bbox_xyxy)
+    assert torch.equal(got["n"], want.num_regions)
+    assert got["config"]["pixel_threshold"] == 0.6 and got["config"]["open_ksize"] == 3
+    assert want.num_regions.tolist() == [1, 0, 2]
+
+
+def test_export_usage_errors(tmp_path, capsys):
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps({"defects": {"open_ksize": 4}}))
+    assert main(["export", "--config", str(cfg_path), "-o", str(tmp_path / "m.pt")]) == 2
+    assert "open_ksize" in capsys.readouterr().err
+    cfg_path.write_text(json.dumps({"defects": {"pixel_threshold": 0.5}}))
+    bad = ["export", "--config", str(cfg_path), "--map-output", "1", "-o", str(tmp_path / "m.pt")]
+    assert main(bad) == 2
