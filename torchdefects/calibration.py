@@ -173,6 +173,8 @@ class PixelThresholdCalibrator:
 
     def count_nan(self, maps: Union[Tensor, np.ndarray]) -> int:
         """Number of NaN pixels inside the ROI of ``maps`` ((H, W), (B, H, W) or (B, 1, H, W))."""
+        if isinstance(maps, np.ndarray):
+            maps = torch.from_numpy(maps if maps.flags.writeable else maps.copy())
         x = torch.as_tensor(maps)
         if x.dim() == 2:
             x = x.unsqueeze(0)

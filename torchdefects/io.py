@@ -164,7 +164,8 @@ def _to_hw(arr: np.ndarray, path: str) -> np.ndarray:
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
         raise ValueError(f"{path}: map must hold real numbers, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()  # pillow's arrays are read-only
 
 
 def _pick_from_mapping(keys: Sequence[str], path: str, what: str) -> str:
