@@ -121,8 +121,11 @@ def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor
         valid = valid & roi_mask(roi.to(x.device), height, width).reshape(1, height * width)
     count = valid.sum(1)
     lowest = torch.full((batch, 1), float("-inf"), dtype=x.dtype, device=x.device)
-    # The extra -inf column keeps amax defined on 0-sized maps.
-    maximum = torch.cat([torch.where(valid, x, lowest), lowest], dim=1).amax(1)
+    candidates = torch.where(valid, x, lowest)
+    if height * width == 0:
+        # amax needs a non-empty reduced dimension.
+        candidates = lowest
+    maximum = candidates.amax(1)
     maximum = torch.where(count > 0, maximum, torch.full_like(maximum, float("nan")))
     mean = torch.where(valid, x, torch.zeros_like(x)).sum(1) / count
     return maximum.float(), mean.float()
