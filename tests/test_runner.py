@@ -457,3 +457,39 @@ def test_usage_errors(tmp_path):
         run(RunOptions(out=out, maps=str(tmp_path), pixel_threshold=1, overrides={"open_ksize": 4}))
     with pytest.raises(RunUsageError, match="no files matching"):
         run(RunOptions(out=out, maps=str(tmp_path / "*.npz"), pixel_threshold=1.0, quiet=True))
+
+
+def test_run_on_device_equals_head_on_cpu(tmp_path, device):
+    rng = np.random.default_rng(6)
+    d = tmp_path / "maps"
+    d.mkdir()
+    maps = {}
+    for i, (h, w) in enumerate([(20, 24), (20, 24), (12, 30), (20, 24), (12, 30)]):
+        maps[f"m{i}.npy"] = _blob_map(rng, h, w)
+        np.save(d / f"m{i}.npy", maps[f"m{i}.npy"])
+    out = str(tmp_path / "out")
+    s = run(
+        RunOptions(
+            out=out,
+            maps=str(d),
+            pixel_threshold=0.6,
+            overrides={"open_ksize": 3, "fill_holes": True, "min_area": 2},
+            save_masks="npz",
+            device=device,
+            batch_size=4,
+            num_workers=1,
+            quiet=True,
+        )
+    )
+    assert s.exit_code == 0
+    for rec in _records(out):
+        regions, mask, _, _ = _expected(CFG, maps[os.path.basename(rec["input"])])
+        got = rec["defects"]["regions"]
+        assert [(r["id"], r["bbox_xyxy"], r["area"]) for r in got] == [
+            (r["id"], r["bbox_xyxy"], r["area"]) for r in regions
+        ]
+        for g, r in zip(got, regions):
+            assert g["score_max"] == r["score_max"]
+            assert g["score_mean"] == pytest.approx(r["score_mean"], rel=1e-6)
+            assert g["centroid_xy"] == pytest.approx(r["centroid_xy"], rel=1e-6)
+        np.testing.assert_array_equal(_read_mask(out, rec["defects"]["mask"]), mask)
