@@ -77,7 +77,7 @@ def opencv_pipeline(m: np.ndarray, thr: float, min_area: int) -> Dict[str, np.nd
     flood[1:-1, 1:-1] = b
     cv2.floodFill(flood, None, (0, 0), 255)
     filled = b | cv2.bitwise_not(flood[1:-1, 1:-1])
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(filled, connectivity=8)
+    _, labels, stats, centroids = cv2.connectedComponentsWithStats(filled, connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA]
     # Per-label max and mean over the foreground pixels only: sort them by label, reduceat.
     flat = labels.ravel()
@@ -141,17 +141,21 @@ def memory_probe(batch: int, size: int, device: str) -> float:
     # Fresh process, glibc's mmap threshold pinned so freed buffers return to the OS; the
     # peak-RSS mark is reset (clear_refs 5) after the inputs exist and one warm-up call.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    code = (
-        "import gc, sys, torch; sys.path.insert(0, %r); import bench_head as bh\n"
-        "torch.set_num_threads(%d)\n"
-        "maps = torch.from_numpy(bh.realistic_maps(%d, %d, %d)).unsqueeze(1)\n"
-        "head = bh.DefectHead(bh.DefectsConfig(**bh.CONFIG))\n"
-        "head(maps); gc.collect()\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "r0 = bh._status_kb('VmRSS')\n"
-        "head(maps)\n"
-        "print((bh._status_kb('VmHWM') - r0) * 1024 / maps.numel())\n"
-    ) % (os.path.dirname(os.path.abspath(__file__)), torch.get_num_threads(), batch, size, size)
+    here = os.path.dirname(os.path.abspath(__file__))
+    threads = torch.get_num_threads()
+    code = "\n".join(
+        [
+            f"import gc, sys, torch; sys.path.insert(0, {here!r}); import bench_head as bh",
+            f"torch.set_num_threads({threads})",
+            f"maps = torch.from_numpy(bh.realistic_maps({batch}, {size}, {size})).unsqueeze(1)",
+            "head = bh.DefectHead(bh.DefectsConfig(**bh.CONFIG))",
+            "head(maps); gc.collect()",
+            "open('/proc/self/clear_refs', 'w').write('5')",
+            "r0 = bh._status_kb('VmRSS')",
+            "head(maps)",
+            "print((bh._status_kb('VmHWM') - r0) * 1024 / maps.numel())",
+        ]
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -181,9 +185,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="short run (less accurate)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     min_run = 0.3 if args.quick else 2.0
     results: Dict[str, Any] = {"machine": machine(), "config": CONFIG, "args": vars(args)}
 
@@ -225,12 +232,10 @@ def main(argv=None) -> int:
     print(f"  OpenCV per-image pipeline   {res['opencv_ms']:8.2f} ms")
     print(f"  DefectHead eager            {res['head_eager_ms']:8.2f} ms")
     print(f"  DefectHead scripted         {res['head_scripted_ms']:8.2f} ms")
-    print(
-        f"  ratio head/OpenCV           {res['ratio_eager']:8.2f} (scripted {res['ratio_scripted']:.2f})"
-    )
-    print(
-        f"  opening 3x3: kornia {res['open3_kornia_ms']:.2f} ms, fast path {res['open3_fast_ms']:.3f} ms"
-    )
+    ratio, sratio = res["ratio_eager"], res["ratio_scripted"]
+    print(f"  ratio head/OpenCV           {ratio:8.2f} (scripted {sratio:.2f})")
+    kms, fms = res["open3_kornia_ms"], res["open3_fast_ms"]
+    print(f"  opening 3x3: kornia {kms:.2f} ms, fast path {fms:.3f} ms")
     print(f"  peak memory per input pixel {res['peak_bytes_per_pixel']:8.1f} bytes (RSS growth)")
 
     if args.device == "cuda":
