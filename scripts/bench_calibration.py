@@ -135,7 +135,10 @@ def _run_child(mode: str, args: argparse.Namespace, n_batches: int) -> Dict[str,
     cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--q", str(args.q)]
     cmd += ["--device", args.device, "--repeats", str(args.repeats)]
     cmd += ["--n-batches", str(n_batches)]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # glibc: serve big buffers by mmap so freed ones go back to the OS and peak RSS tracks
+    # what is live, not the allocator's high-water mark.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{mode} child failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
