@@ -5,7 +5,6 @@ import json
 import os
 from importlib import resources
 
-import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -26,6 +25,7 @@ def _schema():
 
 
 def _validator(kind="record"):
+    jsonschema = pytest.importorskip("jsonschema")
     schema = _schema()
     if kind == "region_line":
         schema = {**schema, "oneOf": [{"$ref": "#/$defs/region_line"}]}
