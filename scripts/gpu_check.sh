@@ -39,16 +39,22 @@ PY
 
 # CUDA tests: every test parametrized on device=cuda, plus CUDA-only tests.
 note "== pytest -m cuda"
-timeout 300 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
-note "pytest: $(grep -E '(passed|failed|error)' "$out/pytest_cuda.log" | tail -n 1)"
+timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$out/pytest_cuda.log" | tail -n 25
+note "pytest: $(tail -n 1 "$out/pytest_cuda.log")"
 
-for bench in scripts/bench_*.py; do
-    name=$(basename "$bench" .py)
-    note "== $name --device $device --quick"
-    timeout 150 python3 "$bench" --device "$device" --quick --json "$out/$name.json" \
-        > "$out/$name.log" 2>&1
-    rc=$?
-    tail -n 20 "$out/$name.log" | tee -a "$summary"
+run_bench() {  # name, then extra arguments
+    local name=$1
+    shift
+    note "== $name --device $device --quick $*"
+    timeout 100 python3 "scripts/$name.py" --device "$device" --quick --json "$out/$name$tag.json" "$@" \
+        > "$out/$name$tag.log" 2>&1
+    local rc=$?
+    tail -n 20 "$out/$name$tag.log" | tee -a "$summary"
     note "$name exit $rc"
-done
+}
+tag="" run_bench bench_components
+tag="_b64" run_bench bench_components --batch 64 --no-kornia
+tag="_b64" run_bench bench_head --batch 64
+tag="" run_bench bench_calibration
+tag="" run_bench bench_run --num-workers 4
 note "== done $(date -u +%FT%TZ)"
