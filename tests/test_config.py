@@ -241,6 +241,7 @@ FIELD_ERRORS = [
     ("max_regions", 2.5, "max_regions must be an integer or None, got 2.5 (float)"),
     ("connectivity", 6, "connectivity must be one of 4, 8, got 6"),
     ("connectivity", True, "connectivity must be one of 4, 8, got True"),
+    ("connectivity", 8.0, "connectivity must be one of 4, 8, got 8.0"),
     ("pixel_threshold_provenance", "calib", "pixel_threshold_provenance must be a JSON object"),
     (
         "pixel_threshold_provenance",

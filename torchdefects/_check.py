@@ -73,7 +73,8 @@ def _fmt(value: object) -> str:
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+    # Same type as the choices too: 8.0 and True are not the connectivity 8 or 1.
+    if value not in choices or type(value) is not type(choices[0]):
         allowed = ", ".join(_fmt(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {_fmt(value)}")
 

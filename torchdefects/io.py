@@ -303,11 +303,14 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace).
 
     The parent folder is created if missing. On any error the temporary file is removed
-    and ``path`` is left as it was.
+    and ``path`` is left as it was. With ``durable=False`` the file and folder are not
+    fsync-ed: the replace is still atomic for readers and against a killed process (the
+    data is in the page cache), but a power loss may lose it; batch runs that write many
+    small files use this (about 2 ms saved per file here).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -319,13 +322,15 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -361,7 +366,7 @@ def _mask_hw(mask: Any) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def write_mask(path: str, mask: Any, fmt: str = "png") -> str:
+def write_mask(path: str, mask: Any, fmt: str = "png", durable: bool = True) -> str:
     """Write a binary mask atomically and return its encoding name.
 
     Args:
@@ -370,6 +375,7 @@ def write_mask(path: str, mask: Any, fmt: str = "png") -> str:
         fmt: ``"png"`` (8-bit grayscale, 0 and 255: ``"png_0_255"``), ``"npy"``
             (``bool`` array: ``"npy_bool"``) or ``"npz"`` (compressed, key ``mask``:
             ``"npz_bool"``).
+        durable: fsync the file and its folder (see :func:`atomic_write_bytes`).
 
     Returns:
         the encoding name, for the record that points at the file.
@@ -386,7 +392,7 @@ def write_mask(path: str, mask: Any, fmt: str = "png") -> str:
         np.save(buf, m, allow_pickle=False)
     else:
         np.savez_compressed(buf, mask=m)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), durable=durable)
     return MASK_ENCODINGS[fmt]
 
 

@@ -496,7 +496,9 @@ class _Writer:
             if self.mask_space == "image" and job.space is not None:
                 m = job.space.mask_to_image(m)
                 space = "image"
-            enc = tdio.write_mask(os.path.join(self.out, job.mask_rel), m, self.mask_format)
+            # Not fsync-ed: atomic against a kill, as the JSONL it is recorded in.
+            path = os.path.join(self.out, job.mask_rel)
+            enc = tdio.write_mask(path, m, self.mask_format, durable=False)
             d["mask"] = {
                 "path": job.mask_rel,
                 "encoding": enc,
@@ -534,7 +536,9 @@ class _Writer:
 
             buf = _io.BytesIO()
             pic.save(buf, format="PNG")
-            tdio.atomic_write_bytes(os.path.join(self.out, job.overlay_rel), buf.getvalue())
+            tdio.atomic_write_bytes(
+                os.path.join(self.out, job.overlay_rel), buf.getvalue(), durable=False
+            )
 
 
 def _dumps(obj: Dict[str, Any]) -> str:
