@@ -63,7 +63,9 @@ def _run_pixels(row: Tensor, start: Tensor, end: Tensor, width: int, numel: int)
     if 4 * total > numel:
         empty = torch.empty(0, dtype=torch.int64, device=row.device)
         return _RunPixels(False, empty, empty, first, stop)
-    run = torch.repeat_interleave(torch.arange(row.shape[0], device=row.device), length)
+    run = torch.repeat_interleave(
+        torch.arange(row.shape[0], device=row.device), length, output_size=total
+    )
     begin = torch.cumsum(length, 0) - length
     step = torch.arange(total, device=row.device) - begin.index_select(0, run)
     pos = first.index_select(0, run) + step

@@ -38,24 +38,26 @@ def _run_edges(
     """
     num_rows = run_id.shape[0] // width
     y = torch.remainder(row, height)
-    us: List[Tensor] = []
-    vs: List[Tensor] = []
+    found: List[Tensor] = []
+    keep: List[Tensor] = []
     for dy in [-1, 1]:
         inside = (y != 0) if dy == -1 else (y != height - 1)
         base = (row + dy).clamp(0, num_rows - 1) * width + start
         here = run_id.index_select(0, base).to(torch.int64) - 1
-        found = [here]
+        looks = [here]
         if connectivity == 8:
             before = run_id.index_select(0, (base - 1).clamp(min=0)).to(torch.int64) - 1
-            found.append(torch.where((start > 0) & (before != here), before, -1))
-        for other in found:
-            hit = inside & (other >= 0)
+            looks.append(torch.where((start > 0) & (before != here), before, -1))
+        for other in looks:
             other_start = start.index_select(0, other.clamp(min=0))
-            hit = hit & ((other_start <= start) if dy == -1 else (other_start < start))
-            u = torch.nonzero(hit).view(-1)
-            us.append(u)
-            vs.append(other.index_select(0, u))
-    return torch.cat(us), torch.cat(vs)
+            later = (other_start <= start) if dy == -1 else (other_start < start)
+            found.append(other)
+            keep.append(inside & (other >= 0) & later)
+    # One nonzero for all looks: one host sync instead of one per look.
+    hit = torch.nonzero(torch.cat(keep)).view(-1)
+    num_runs = row.shape[0]
+    u = torch.remainder(hit, num_runs)
+    return u, torch.cat(found).index_select(0, hit)
 
 
 def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:

@@ -111,7 +111,9 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     denom = area.to(torch.float64)
     centroid = torch.stack([sum_x.to(torch.float64) / denom, sum_y.to(torch.float64) / denom], 1)
 
-    batch_index = torch.repeat_interleave(torch.arange(b, device=device), counts)
+    batch_index = torch.repeat_interleave(
+        torch.arange(b, device=device), counts, output_size=num_regions
+    )
     label = torch.arange(num_regions, device=device) - first_of_image.index_select(0, batch_index)
 
     score_dtype = torch.float32
