@@ -125,3 +125,25 @@ def check_roi(name: str, value: object, allow_none: bool = True) -> None:
     for i, v in enumerate(value):  # type: ignore[arg-type]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name}[{i}] must be a finite number, got {v!r}")
+
+
+def check_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``--device`` value to a device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N``.
+
+    ``auto`` and a bare ``cuda`` pick GPU ``local_rank`` (modulo the GPU count), so that
+    each process of a ``torchrun`` job gets its own.
+    """
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return dev

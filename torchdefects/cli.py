@@ -48,20 +48,13 @@ def user_set(args: argparse.Namespace, *names: str) -> Dict[str, Any]:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without CUDA is a usage error."""
-    import torch
+    """``--device`` to a device name (see ``_check.check_device``); bad values are usage errors."""
+    from torchdefects._check import check_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return name
+        return str(check_device(name))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 class Progress:

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from torchdefects import io as tdio
+from torchdefects._check import check_device
 from torchdefects.config import DefectsConfig
 
 __all__ = [
@@ -589,22 +590,10 @@ class _Progress:
 
 
 def _resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-        return torch.device("cpu")
     try:
-        dev = torch.device(spec)
-    except RuntimeError as e:
-        raise RunUsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise RunUsageError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunUsageError(f"--device {spec}: CUDA is not available")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
+        return check_device(spec, local_rank)
+    except ValueError as e:
+        raise RunUsageError(str(e)) from e
 
 
 def _settings(opts: RunOptions) -> Tuple[DefectsConfig, float, Dict[str, Any], Optional[str]]:
