@@ -8,10 +8,25 @@ carry the order SciPy numbers components in.
 
 from typing import List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__: List[str] = []
+
+
+def _flat_nonzero(x: Tensor) -> Tensor:
+    """Indices of the nonzero elements of a 1-D tensor, ascending, int64.
+
+    Eager CPU tensors go through NumPy's ``flatnonzero``, 3x to 9x faster than
+    ``torch.nonzero`` on CPU (measured in docs/benchmarks.md); the result is the same.
+    """
+    # Nested on purpose: TorchScript drops a branch only when its whole condition is
+    # ``not torch.jit.is_scripting()``.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if x.device.type == "cpu":
+            return torch.from_numpy(np.flatnonzero(x.numpy()))
+    return torch.nonzero(x).view(-1)
 
 
 def _row_runs(fg: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -30,7 +45,7 @@ def _row_runs(fg: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     edge = torch.zeros((n, 1), dtype=torch.bool, device=fg.device)
     padded = torch.cat([edge, fg, edge], dim=1)
     change = padded[:, 1:] != padded[:, :-1]
-    flat = torch.nonzero(change.view(-1)).view(-1, 2)
+    flat = _flat_nonzero(change.reshape(-1)).view(-1, 2)
     row = torch.div(flat[:, 0], w + 1, rounding_mode="floor")
     start = flat[:, 0] - row * (w + 1)
     end = flat[:, 1] - row * (w + 1)

@@ -19,13 +19,19 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _paint_runs, _row_runs, _run_pixels
+from torchdefects._runs import _flat_nonzero, _paint_runs, _row_runs, _run_pixels
 
 __all__ = ["connected_components"]
 
 
 def _run_edges(
-    run_id: Tensor, row: Tensor, start: Tensor, height: int, width: int, connectivity: int
+    run_id: Tensor,
+    row: Tensor,
+    y: Tensor,
+    start: Tensor,
+    height: int,
+    width: int,
+    connectivity: int,
 ) -> Tuple[Tensor, Tensor]:
     """Pairs ``(u, v)`` of runs of consecutive rows of one image that touch, each once.
 
@@ -37,27 +43,28 @@ def _run_edges(
     map of 1-based run ids, answers each look in O(1).
     """
     num_rows = run_id.shape[0] // width
-    y = torch.remainder(row, height)
-    found: List[Tensor] = []
-    keep: List[Tensor] = []
+    looks: List[Tensor] = []
+    keeps: List[Tensor] = []
     for dy in [-1, 1]:
         inside = (y != 0) if dy == -1 else (y != height - 1)
         base = (row + dy).clamp(0, num_rows - 1) * width + start
-        here = run_id.index_select(0, base).to(torch.int64) - 1
-        looks = [here]
+        here = run_id.index_select(0, base) - 1  # int32, -1 for background
+        candidates = [here]
         if connectivity == 8:
-            before = run_id.index_select(0, (base - 1).clamp(min=0)).to(torch.int64) - 1
-            looks.append(torch.where((start > 0) & (before != here), before, -1))
-        for other in looks:
+            before = run_id.index_select(0, (base - 1).clamp(min=0)) - 1
+            candidates.append(before.masked_fill((start == 0) | (before == here), -1))
+        for other in candidates:
             other_start = start.index_select(0, other.clamp(min=0))
             later = (other_start <= start) if dy == -1 else (other_start < start)
-            found.append(other)
-            keep.append(inside & (other >= 0) & later)
-    # One nonzero for all looks: one host sync instead of one per look.
-    hit = torch.nonzero(torch.cat(keep)).view(-1)
-    num_runs = row.shape[0]
-    u = torch.remainder(hit, num_runs)
-    return u, torch.cat(found).index_select(0, hit)
+            looks.append(other)
+            keeps.append(inside & (other >= 0) & later)
+    # Looks side by side, one row per run: one nonzero (one host sync) finds every hit,
+    # and the run that looked is the hit's row, a shift away (2 or 4 looks per run).
+    hit = _flat_nonzero(torch.stack(keeps, 1).view(-1))
+    shift = 1 if len(looks) == 2 else 2
+    u = torch.bitwise_right_shift(hit, shift)
+    v = torch.stack(looks, 1).view(-1).index_select(0, hit)
+    return u, v
 
 
 def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
@@ -66,7 +73,7 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
     while u.numel() > 0:
         pu = parent.index_select(0, u)
         pv = parent.index_select(0, v)
-        live = torch.nonzero(pu != pv).view(-1)
+        live = _flat_nonzero(pu != pv)
         if live.numel() == 0:
             break
         u, v = u.index_select(0, live), v.index_select(0, live)
@@ -128,10 +135,10 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     px = _run_pixels(row, start, end, w, numel)
     ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=mask.device)
     canvas = _paint_runs(ids, px, numel)
-    u, v = _run_edges(canvas, row, start, h, w, connectivity)
+    image = torch.div(row, h, rounding_mode="floor")
+    u, v = _run_edges(canvas, row, row - image * h, start, h, w, connectivity)
     root = _union_find(num_runs, u, v)
 
-    image = torch.div(row, h, rounding_mode="floor")
     is_root = (root == torch.arange(num_runs, device=mask.device)).to(torch.int64)
     counts.index_add_(0, image, is_root)
     first_of_image = torch.cumsum(counts, 0) - counts

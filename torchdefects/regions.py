@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _row_runs, _run_pixels
+from torchdefects._runs import _flat_nonzero, _row_runs, _run_pixels
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -199,7 +199,7 @@ def select_regions(
     first_of_image.index_add_(0, regions.batch_index, torch.ones_like(regions.batch_index))
     first_of_image = torch.cumsum(first_of_image, 0) - first_of_image
 
-    keep = torch.nonzero(regions.area >= min_area).view(-1)
+    keep = _flat_nonzero(regions.area >= min_area)
     out = _take(regions, keep)
     # Lexicographic sort by successive stable sorts, least significant key first; the
     # input is ordered by (batch_index, label) already.
@@ -216,7 +216,7 @@ def select_regions(
         first_kept = torch.cumsum(num_regions, 0) - num_regions
         rank = torch.arange(out.area.shape[0], device=device)
         rank = rank - first_kept.index_select(0, out.batch_index)
-        out = _take(out, torch.nonzero(rank < max_regions).view(-1))
+        out = _take(out, _flat_nonzero(rank < max_regions))
         num_regions = num_regions.clamp(max=max_regions)
 
     if out.area.shape[0] == total:
