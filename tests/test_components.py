@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from tests._shapes import adversarial_masks, checkerboard, serpentine, spiral
+from tests._shapes import adversarial_masks, checkerboard, serpentine, smooth_blobs, spiral
 from torchdefects.components import connected_components
 
 STRUCTURE = {4: None, 8: np.ones((3, 3), dtype=int)}
@@ -41,6 +41,16 @@ def test_random_masks_match_scipy(device, connectivity, density):
 def test_adversarial_masks_match_scipy(device, connectivity, name_mask):
     _, mask = name_mask
     assert_matches_scipy(mask[None], connectivity, device)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("frac", [0.3, 0.6, 0.9])
+def test_large_blobs_match_scipy(device, connectivity, frac):
+    # Many foreground pixels in few long runs: runs are looked up by binary search
+    # instead of through a painted map of run ids.
+    rng = np.random.default_rng(int(frac * 10))
+    masks = np.stack([smooth_blobs(rng, 192, 256, frac) for _ in range(2)])
+    assert_matches_scipy(masks, connectivity, device)
 
 
 def test_checkerboard_connectivity_differs():

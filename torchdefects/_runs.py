@@ -106,3 +106,27 @@ def _paint_runs(values: Tensor, px: _RunPixels, numel: int, out: Optional[Tensor
         out.copy_(canvas)
         return out
     return canvas
+
+
+def _runs_at(pos: Tensor, canvas: Optional[Tensor], first: Tensor, stop: Tensor) -> Tensor:
+    """The run covering each flat pixel position (int32, -1 for none).
+
+    With a canvas of 1-based run ids it is one gather; without one, a binary search over
+    the runs' first pixels (ascending in raster order), cheaper when runs are few but
+    long (the background of a defect mask).
+    """
+    if canvas is not None:
+        return canvas.index_select(0, pos) - 1
+    j = torch.searchsorted(first, pos, right=True) - 1
+    covered = (j >= 0) & (stop.index_select(0, j.clamp(min=0)) > pos)
+    return torch.where(covered, j, -1).to(torch.int32)
+
+
+def _set_runs(mask: Tensor, row: Tensor, start: Tensor, end: Tensor, width: int) -> Tensor:
+    """A copy of the flat bool ``mask`` with the pixels of the given runs set."""
+    numel = mask.shape[0]
+    px = _run_pixels(row, start, end, width, numel)
+    if px.sparse:
+        return mask.clone().index_fill_(0, px.pos, True)
+    ones = torch.ones(row.shape[0], dtype=torch.int32, device=mask.device)
+    return mask | (_paint_runs(ones, px, numel) != 0)

@@ -13,22 +13,31 @@ count of roots numbers components as SciPy does. The work grows with the number 
 runs, not of pixels, apart from a few flat passes over the mask.
 """
 
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _flat_nonzero, _paint_runs, _row_runs, _run_pixels
+from torchdefects._runs import (
+    _flat_nonzero,
+    _paint_runs,
+    _row_runs,
+    _run_pixels,
+    _RunPixels,
+    _runs_at,
+)
 
 __all__ = ["connected_components"]
 
 
 def _run_edges(
-    run_id: Tensor,
+    run_id: Optional[Tensor],
+    px: _RunPixels,
     row: Tensor,
     y: Tensor,
     start: Tensor,
+    num_rows: int,
     height: int,
     width: int,
     connectivity: int,
@@ -40,18 +49,17 @@ def _run_edges(
     each run's start, at the pixel above and below it (and, for 8-connectivity, at
     the one before each of those). A pair is kept from the side of the run that
     starts later (from below on a tie), so each appears once. ``run_id``, the flat
-    map of 1-based run ids, answers each look in O(1).
+    map of 1-based run ids, answers each look in O(1); without it, a binary search.
     """
-    num_rows = run_id.shape[0] // width
     looks: List[Tensor] = []
     keeps: List[Tensor] = []
     for dy in [-1, 1]:
         inside = (y != 0) if dy == -1 else (y != height - 1)
         base = (row + dy).clamp(0, num_rows - 1) * width + start
-        here = run_id.index_select(0, base) - 1  # int32, -1 for background
+        here = _runs_at(base, run_id, px.first, px.stop)  # int32, -1 for background
         candidates = [here]
         if connectivity == 8:
-            before = run_id.index_select(0, (base - 1).clamp(min=0)) - 1
+            before = _runs_at((base - 1).clamp(min=0), run_id, px.first, px.stop)
             candidates.append(before.masked_fill((start == 0) | (before == here), -1))
         for other in candidates:
             other_start = start.index_select(0, other.clamp(min=0))
@@ -85,6 +93,39 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
                 break
             parent = grand
     return parent
+
+
+class _ConnectedRuns(NamedTuple):
+    """The runs of a batch of masks, joined into components (see the module docstring)."""
+
+    row: Tensor  # int64 (R,), row over the whole batch
+    image: Tensor  # int64 (R,)
+    y: Tensor  # int64 (R,), row within the image
+    start: Tensor  # int64 (R,), first column
+    end: Tensor  # int64 (R,), one past the last column
+    root: Tensor  # int64 (R,), the component's first run
+    pixels: _RunPixels
+    canvas: Optional[Tensor]  # int32 flat map of 1-based run ids (if made), free for reuse
+
+
+def _connect_runs(fg: Tensor, connectivity: int) -> _ConnectedRuns:
+    """Runs of ``fg`` (bool :math:`(B, H, W)`, at least one pixel) and their components."""
+    b, h, w = fg.shape[0], fg.shape[1], fg.shape[2]
+    numel = b * h * w
+    row, start, end = _row_runs(fg.reshape(b * h, w))
+    num_runs = row.shape[0]
+    px = _run_pixels(row, start, end, w, numel)
+    canvas: Optional[Tensor] = None
+    # A map of run ids answers each look with a gather; few long runs (a mostly-empty
+    # background) are cheaper to search than to paint over every pixel.
+    if px.sparse or 64 * num_runs > numel:
+        ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=fg.device)
+        canvas = _paint_runs(ids, px, numel)
+    image = torch.div(row, h, rounding_mode="floor")
+    y = row - image * h
+    u, v = _run_edges(canvas, px, row, y, start, b * h, h, w, connectivity)
+    root = _union_find(num_runs, u, v)
+    return _ConnectedRuns(row, image, y, start, end, root, px, canvas)
 
 
 def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, Tensor]:
@@ -124,26 +165,18 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     x = _as_bhw(mask, "mask")
     b, h, w = x.shape[0], x.shape[1], x.shape[2]
     fg = x if x.dtype == torch.bool else x != 0
-    fg = fg.reshape(b * h, w)
-    row, start, end = _row_runs(fg)
-    num_runs = row.shape[0]
     counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
+    if fg.numel() == 0:
+        return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
+    runs = _connect_runs(fg, connectivity)
+    num_runs = runs.row.shape[0]
     if num_runs == 0:
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
 
-    numel = b * h * w
-    px = _run_pixels(row, start, end, w, numel)
-    ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=mask.device)
-    canvas = _paint_runs(ids, px, numel)
-    image = torch.div(row, h, rounding_mode="floor")
-    u, v = _run_edges(canvas, row, row - image * h, start, h, w, connectivity)
-    root = _union_find(num_runs, u, v)
-
-    is_root = (root == torch.arange(num_runs, device=mask.device)).to(torch.int64)
-    counts.index_add_(0, image, is_root)
+    is_root = (runs.root == torch.arange(num_runs, device=mask.device)).to(torch.int64)
+    counts.index_add_(0, runs.image, is_root)
     first_of_image = torch.cumsum(counts, 0) - counts
     rank = torch.cumsum(is_root, 0)
-    run_label = rank.index_select(0, root) - first_of_image.index_select(0, image)
-    run_label = run_label.to(torch.int32)
-    labels = _paint_runs(run_label, px, numel, out=canvas)
+    run_label = rank.index_select(0, runs.root) - first_of_image.index_select(0, runs.image)
+    labels = _paint_runs(run_label.to(torch.int32), runs.pixels, b * h * w, out=runs.canvas)
     return labels.view(mask.shape), counts

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchdefects._check import _as_bhw, _check_bool_mask
-from torchdefects.components import connected_components
+from torchdefects._runs import _flat_nonzero, _set_runs
+from torchdefects.components import _connect_runs
 
 __all__ = ["closing", "dilation", "erosion", "fill_holes", "opening"]
 
@@ -149,9 +150,10 @@ def closing(mask: Tensor, ksize: int) -> Tensor:
 def fill_holes(mask: Tensor) -> Tensor:
     """Fill holes: background not 4-connected to the image border becomes foreground.
 
-    Equals ``scipy.ndimage.binary_fill_holes`` per image. Batched: the background is labelled
-    once with :func:`~torchdefects.connected_components` (4-connectivity); labels seen on the
-    border are marked in a per-image table, and every other background label is a hole.
+    Equals ``scipy.ndimage.binary_fill_holes`` per image. Batched: the background runs are
+    joined into 4-connected components as in :func:`~torchdefects.connected_components`
+    (without numbering them); components with a run on the image border stay background,
+    the runs of every other one are painted as foreground.
 
     Args:
         mask: bool :math:`(B, 1, H, W)` or :math:`(B, H, W)`.
@@ -167,19 +169,22 @@ def fill_holes(mask: Tensor) -> Tensor:
     """
     _check_bool_mask(mask, "mask")
     x = _as_bhw(mask, "mask")
-    batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+    height, width = x.shape[1], x.shape[2]
     if x.numel() == 0:
         return mask.clone()
-    background = ~x
-    labels, _ = connected_components(background, connectivity=4)
-    labels = labels.reshape(batch, height, width).to(torch.int64)
-    border = torch.cat(
-        [labels[:, 0, :], labels[:, height - 1, :], labels[:, :, 0], labels[:, :, width - 1]],
-        dim=1,
+    # Holes need no numbering: join the background runs, mark the components with a run
+    # on the border, and paint the other runs. The work follows the runs, not the pixels.
+    runs = _connect_runs(~x, connectivity=4)
+    on_border = (runs.y == 0) | (runs.y == height - 1) | (runs.start == 0) | (runs.end == width)
+    reaches_border = torch.zeros_like(runs.root).index_put_(
+        (runs.root,), on_border.to(torch.int64), accumulate=True
     )
-    # Labels are at most H * W, so a table of H * W + 1 entries per image needs no host sync.
-    touches_border = torch.zeros(batch, height * width + 1, dtype=torch.bool, device=x.device)
-    touches_border.scatter_(1, border, True)
-    kept_background = touches_border.gather(1, labels.reshape(batch, height * width))
-    filled = x | (background & ~kept_background.view(batch, height, width))
+    hole = _flat_nonzero(reaches_border.index_select(0, runs.root) == 0)
+    filled = _set_runs(
+        x.reshape(-1),
+        runs.row.index_select(0, hole),
+        runs.start.index_select(0, hole),
+        runs.end.index_select(0, hole),
+        width,
+    )
     return filled.reshape(mask.shape)
