@@ -53,7 +53,7 @@ run_bench() {  # name, then extra arguments
     note "$name exit $rc"
 }
 tag="" run_bench bench_components
-tag="_b64" run_bench bench_components --batch 64 --no-kornia
+tag="_b64" run_bench bench_components --batch 64
 tag="_b64" run_bench bench_head --batch 64
 tag="" run_bench bench_calibration
 tag="" run_bench bench_run --num-workers 4

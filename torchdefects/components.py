@@ -87,7 +87,10 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
         u, v = u.index_select(0, live), v.index_select(0, live)
         pu, pv = pu.index_select(0, live), pv.index_select(0, live)
         parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
+        # Two jumps per check: when the second changes nothing, every node points to a
+        # root. Half the host syncs of checking after each jump.
         while True:
+            parent = parent.index_select(0, parent)
             grand = parent.index_select(0, parent)
             if bool(torch.equal(grand, parent)):
                 break
