@@ -111,8 +111,11 @@ class _ConnectedRuns(NamedTuple):
     canvas: Optional[Tensor]  # int32 flat map of 1-based run ids (if made), free for reuse
 
 
-def _connect_runs(fg: Tensor, connectivity: int) -> _ConnectedRuns:
-    """Runs of ``fg`` (bool :math:`(B, H, W)`, at least one pixel) and their components."""
+def _connect_runs(fg: Tensor, connectivity: int, with_canvas: bool = False) -> _ConnectedRuns:
+    """Runs of ``fg`` (bool :math:`(B, H, W)`, at least one pixel) and their components.
+
+    ``with_canvas`` asks for the map of run ids even where a search would be cheaper.
+    """
     b, h, w = fg.shape[0], fg.shape[1], fg.shape[2]
     numel = b * h * w
     row, start, end = _row_runs(fg.reshape(b * h, w))
@@ -121,7 +124,7 @@ def _connect_runs(fg: Tensor, connectivity: int) -> _ConnectedRuns:
     canvas: Optional[Tensor] = None
     # A map of run ids answers each look with a gather; few long runs (a mostly-empty
     # background) are cheaper to search than to paint over every pixel.
-    if px.sparse or 64 * num_runs > numel:
+    if with_canvas or px.sparse or 64 * num_runs > numel:
         ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=fg.device)
         canvas = _paint_runs(ids, px, numel)
     image = torch.div(row, h, rounding_mode="floor")

@@ -167,24 +167,40 @@ def fill_holes(mask: Tensor) -> Tensor:
         >>> fill_holes(m).all().item()
         True
     """
+    return _fill_holes(mask, by_table=mask.is_cuda)
+
+
+def _fill_holes(mask: Tensor, by_table: bool) -> Tensor:
+    """:func:`fill_holes`, painting holes through a run-id map (``by_table``) or per run.
+
+    The map costs a pass over every pixel but no host sync (the GPU way); painting only
+    the hole runs costs two syncs and work that follows the holes (the CPU way).
+    """
     _check_bool_mask(mask, "mask")
     x = _as_bhw(mask, "mask")
     height, width = x.shape[1], x.shape[2]
     if x.numel() == 0:
         return mask.clone()
     # Holes need no numbering: join the background runs, mark the components with a run
-    # on the border, and paint the other runs. The work follows the runs, not the pixels.
-    runs = _connect_runs(~x, connectivity=4)
+    # on the border, and paint the runs of the others.
+    runs = _connect_runs(~x, connectivity=4, with_canvas=by_table)
     on_border = (runs.y == 0) | (runs.y == height - 1) | (runs.start == 0) | (runs.end == width)
     reaches_border = torch.zeros_like(runs.root).index_put_(
         (runs.root,), on_border.to(torch.int64), accumulate=True
     )
-    hole = _flat_nonzero(reaches_border.index_select(0, runs.root) == 0)
-    filled = _set_runs(
-        x.reshape(-1),
-        runs.row.index_select(0, hole),
-        runs.start.index_select(0, hole),
-        runs.end.index_select(0, hole),
-        width,
-    )
+    is_hole = reaches_border.index_select(0, runs.root) == 0
+    canvas = runs.canvas
+    if by_table and canvas is not None:
+        # The canvas holds 1-based run ids (0 off the runs): one gather per pixel.
+        table = torch.cat([is_hole.new_zeros(1), is_hole])
+        filled = x | table.index_select(0, canvas).view(x.shape)
+    else:
+        hole = _flat_nonzero(is_hole)
+        filled = _set_runs(
+            x.reshape(-1),
+            runs.row.index_select(0, hole),
+            runs.start.index_select(0, hole),
+            runs.end.index_select(0, hole),
+            width,
+        )
     return filled.reshape(mask.shape)
