@@ -24,7 +24,8 @@ def _flat_nonzero(x: Tensor) -> Tensor:
     # Nested on purpose: TorchScript drops a branch only when its whole condition is
     # ``not torch.jit.is_scripting()``.
     if not torch.jit.is_scripting():  # noqa: SIM102
-        if x.device.type == "cpu":
+        # Plain tensors only: the fake tensors of torch.export / torch.compile have no data.
+        if x.device.type == "cpu" and type(x) is torch.Tensor:
             return torch.from_numpy(np.flatnonzero(x.numpy()))
     return torch.nonzero(x).view(-1)
 
