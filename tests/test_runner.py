@@ -326,6 +326,25 @@ def test_resume_after_torn_line(tmp_path):
         assert per_input.get(rec["input"], 0) == len(rec["defects"]["regions"])
 
 
+def test_resume_sweeps_temp_files_of_killed_writes(tmp_path):
+    d = tmp_path / "maps"
+    d.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        np.save(d / f"m{i}.npy", _blob_map(rng, 12, 12, 1))
+    out = tmp_path / "out"
+    opts = RunOptions(out=str(out), maps=str(d), pixel_threshold=0.6, save_masks="png", quiet=True)
+    run(opts)
+    # What a kill between the temp write and the rename leaves behind.
+    orphan = out / "masks" / ".m1.npy.png.k3j2x9.tmp"
+    orphan.write_bytes(b"partial")
+    keep = out / "masks" / "notes.tmp"
+    keep.write_bytes(b"not ours")
+    s = run(dataclasses.replace(opts, resume=True))
+    assert s.skipped == 3 and s.exit_code == 0
+    assert not orphan.exists() and keep.exists()
+
+
 def test_image_space_resize(tmp_path):
     rng = np.random.default_rng(4)
     a = _blob_map(rng, 12, 16, 3)

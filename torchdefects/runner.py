@@ -936,6 +936,7 @@ def _prepare_out(opts: RunOptions, results: str, regions: str) -> None:
         _cut_torn(results)
         if opts.regions_jsonl:
             _filter_regions(regions, set(_recorded([results])))
+        _sweep_temp_files(opts.out)
         return
     if any(os.path.exists(p) for p in leftovers) and not opts.overwrite:
         raise RunUsageError(
@@ -944,6 +945,16 @@ def _prepare_out(opts: RunOptions, results: str, regions: str) -> None:
     for p in leftovers + [regions] + _rank_files(opts.out, "regions"):
         with _suppress_missing():
             os.remove(p)
+
+
+def _sweep_temp_files(out: str) -> None:
+    """Remove the temporary files of atomic writes cut short by a kill (``.NAME.*.tmp``)."""
+    for sub in ("masks", "overlays"):
+        for root, _, files in os.walk(os.path.join(out, sub)):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    with _suppress_missing():
+                        os.remove(os.path.join(root, name))
 
 
 class _suppress_missing:
