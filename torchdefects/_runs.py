@@ -47,12 +47,10 @@ def _row_runs(fg: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     padded = torch.cat([edge, fg, edge], dim=1)
     change = padded[:, 1:] != padded[:, :-1]
     flat = _flat_nonzero(change.reshape(-1)).view(-1, 2)
-    row = torch.div(flat[:, 0], w + 1, rounding_mode="floor")
-    start = flat[:, 0] - row * (w + 1)
-    end = flat[:, 1] - row * (w + 1)
-    if n == 0:
-        row = row.view(0)
-    return row, start, end
+    first, stop = flat[:, 0].contiguous(), flat[:, 1].contiguous()
+    row = torch.div(first, w + 1, rounding_mode="floor")
+    row_start = row * (w + 1)
+    return row, first - row_start, stop - row_start
 
 
 class _RunPixels(NamedTuple):
