@@ -128,7 +128,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         if px.sparse:
             values = flat.index_select(0, px.pos)
         else:
-            values = flat.masked_select(lab.reshape(-1) != 0)
+            values = flat.index_select(0, _flat_nonzero(lab.reshape(-1) != 0))
         values = values.to(score_dtype)
         run_max = _segment(values, "max", length)
         run_sum = _segment(values.to(torch.float64), "sum", length)
