@@ -314,3 +314,26 @@ def test_exceptions(maps):
         head(x, torch.tensor([True]))
     with pytest.raises(TypeError, match="config must be a DefectsConfig, got dict"):
         DefectHead({"pixel_threshold": 0.5})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_bit_identical_to_cpu():
+    maps = torch.from_numpy(realistic_maps(6, 64, 72, seed=3))[:, None]
+    cfg = DefectsConfig(
+        pixel_threshold=0.55,
+        roi_xyxy_norm=[0.05, 0.1, 0.95, 0.9],
+        open_ksize=3,
+        close_ksize=3,
+        fill_holes=True,
+        min_area=4,
+        max_regions=5,
+    )
+    cpu = DefectHead(cfg)(maps)
+    gpu = DefectHead(cfg).cuda()(maps.cuda())
+    for name, a, b in zip(Defects._fields, cpu, gpu):
+        if name == "regions":
+            for x, y in zip(a, b):
+                assert torch.equal(x, y.cpu()), name
+        else:
+            assert torch.equal(a, b.cpu()), name

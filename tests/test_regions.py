@@ -204,3 +204,19 @@ def test_select_regions_bad_arguments():
         select_regions(labels, regions, 1, min_area=-1)
     with pytest.raises(ValueError, match="max_regions must be an integer >= 1 or None, got 0"):
         select_regions(labels, regions, 1, max_regions=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+def test_cuda_bit_identical_to_cpu():
+    rng = np.random.default_rng(12)
+    masks = torch.from_numpy(rng.random((5, 96, 80)) < 0.4)
+    maps = torch.from_numpy(rng.standard_normal((5, 96, 80)).astype(np.float32))
+    on = {}
+    for device in ("cpu", "cuda"):
+        labels, counts = connected_components(masks.to(device))
+        regions = region_stats(labels, counts, maps.to(device))
+        kept = select_regions(labels, regions, 5, min_area=3, max_regions=7)
+        on[device] = (labels, counts, *regions, kept[0], *kept[1], kept[2])
+    for a, b in zip(on["cpu"], on["cuda"]):
+        assert torch.equal(a, b.cpu())

@@ -96,8 +96,9 @@ def roi_mask(roi: Tensor, height: int, width: int) -> Tensor:
 def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Max and mean of each map over the ROI pixels, NaN pixels ignored.
 
-    Computed in float32 (float64 for float64 maps) and returned as float32. An image with no
-    ROI pixel that is not NaN (an empty ROI, an all-NaN ROI, a 0-sized map) gets NaN for both.
+    Computed in float32 (float64 for float64 maps), the mean accumulated in float64, and
+    returned as float32, the same bits on CPU and CUDA. An image with no ROI pixel that is
+    not NaN (an empty ROI, an all-NaN ROI, a 0-sized map) gets NaN for both.
 
     Args:
         anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)`, float16/bfloat16/float32/float64.
@@ -127,5 +128,8 @@ def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor
         candidates = lowest
     maximum = candidates.amax(1)
     maximum = torch.where(count > 0, maximum, torch.full_like(maximum, float("nan")))
-    mean = torch.where(valid, x, torch.zeros_like(x)).sum(1) / count
+    # Sums in float64, rounded once to float32 below: CPU and CUDA reduce in different
+    # orders, and float32 sums would then differ in their last bits between devices.
+    total = torch.where(valid, x, torch.zeros_like(x)).sum(1, dtype=torch.float64)
+    mean = total / count
     return maximum.float(), mean.float()
