@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import scipy.ndimage as ndi
 import torch
 from PIL import Image
 
@@ -33,13 +34,11 @@ def test_demo_finds_planted_defects(tmp_path, capsys):
             continue
         with Image.open(gt_path) as im:
             gt = np.asarray(im) > 0
-        labels, n = __import__("scipy.ndimage", fromlist=["label"]).label(gt, np.ones((3, 3), bool))
+        labels, n = ndi.label(gt, np.ones((3, 3), bool))
         for k in range(1, n + 1):  # every planted defect (GT component) is touched
             assert (found & (labels == k)).any(), (name, k)
         # and the found pixels lie on or near defects
-        near = __import__("scipy.ndimage", fromlist=["binary_dilation"]).binary_dilation(
-            gt, iterations=6
-        )
+        near = ndi.binary_dilation(gt, iterations=6)
         # the patch detector sees 7x7 neighbourhoods: masks spread a few pixels past a defect
         assert (found & ~near).sum() <= 0.1 * found.sum(), name
 

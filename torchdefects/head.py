@@ -143,8 +143,7 @@ class DefectHead(nn.Module):
         if self.fill_holes:
             mask = fill_holes(mask)
         labels, counts = connected_components(mask, self.connectivity)
-        scores = x if x.dtype == torch.float64 else x.float()
-        regions = region_stats(labels, counts, scores)
+        regions = region_stats(labels, counts, x)
         labels, regions, num_regions = select_regions(
             labels, regions, batch, self.min_area, self.max_regions
         )
