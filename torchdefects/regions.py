@@ -195,9 +195,6 @@ def select_regions(
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = regions.area.device
     total = regions.area.shape[0]
-    first_of_image = torch.zeros(num_images, dtype=torch.int64, device=device)
-    first_of_image.index_add_(0, regions.batch_index, torch.ones_like(regions.batch_index))
-    first_of_image = torch.cumsum(first_of_image, 0) - first_of_image
 
     keep = _flat_nonzero(regions.area >= min_area)
     out = _take(regions, keep)
