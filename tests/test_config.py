@@ -28,6 +28,7 @@ FULL = {
         "max_regions": 20,
         "connectivity": 8,
         "mask_format": "png",
+        "image_threshold": None,
     },
     "per_category": {
         "bottle": {"defects": {"pixel_threshold": 0.61, "roi_xyxy_norm": [0, 0, 1, 0.8]}},

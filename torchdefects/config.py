@@ -70,6 +70,8 @@ class DefectsConfig:
             ``source`` one of ``explicit``, ``config``, ``calibration``; see
             ``docs/calibration.md``), or ``None``.
         mask_format: how ``torchdefects run`` writes masks: ``png``, ``npy`` or ``npz``.
+        image_threshold: an image is labelled defective when its image score is ``>=`` this;
+            ``None`` labels an image defective when it has any reported region.
 
     Raises:
         ValueError, TypeError: a field is out of range; the message names the field.
@@ -85,6 +87,7 @@ class DefectsConfig:
     connectivity: int = 8
     pixel_threshold_provenance: Optional[Dict[str, Any]] = None
     mask_format: str = "png"
+    image_threshold: Optional[float] = None
     _prefix: str = field(default="", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -103,8 +106,11 @@ class DefectsConfig:
         check_choice(p + "connectivity", self.connectivity, (4, 8))
         _check_provenance(p + "pixel_threshold_provenance", self.pixel_threshold_provenance)
         check_choice(p + "mask_format", self.mask_format, MASK_FORMATS)
+        check_finite(p + "image_threshold", self.image_threshold, allow_none=True)
         if self.pixel_threshold is not None:
             self.pixel_threshold = float(self.pixel_threshold)
+        if self.image_threshold is not None:
+            self.image_threshold = float(self.image_threshold)
         if self.roi_xyxy_norm is not None:
             self.roi_xyxy_norm = [float(v) for v in self.roi_xyxy_norm]
 
