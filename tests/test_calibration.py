@@ -25,6 +25,14 @@ PROVENANCE_KEYS = {
     "calibration_pixel_count",
     "roi_xyxy_norm",
     "roi_pixel_count",
+    "roi_used",
+    "roi_reason",
+    "map_pixel_count",
+    "exactness",
+    "passes",
+    "normal_min",
+    "normal_max",
+    "normal_quantiles",
     "fingerprint",
     "torchdefects_version",
     "created_at",
@@ -75,7 +83,13 @@ def test_equals_numpy_quantile_with_ties(q, roi, device):
     batches = [_tied(rng, (int(rng.integers(1, 5)), 1, 12, 17)) for _ in range(7)]
     t, prov = _run(batches, q, roi, device)
     assert t == _oracle(batches, q, roi)
-    assert prov["roi_pixel_count"] == sum(_roi_pixels(b, roi).size for b in batches)
+    # pyimgano's meanings: calibration_pixel_count = pixels in the quantile (all maps),
+    # roi_pixel_count = ROI pixels per map (null without a ROI)
+    assert prov["calibration_pixel_count"] == sum(_roi_pixels(b, roi).size for b in batches)
+    per_map = _roi_pixels(batches[0][:1], roi).size
+    assert prov["roi_pixel_count"] == (None if roi is None else per_map)
+    assert prov["roi_used"] is (roi is not None)
+    assert prov["map_pixel_count"] == sum(np.asarray(b).size for b in batches)
 
 
 @pytest.mark.parametrize("q", QS)
@@ -242,8 +256,10 @@ def test_nan_omit():
     assert t == float(np.quantile(a[~np.isnan(a)], 0.75))
     assert prov["nan_policy"] == "omit"
     assert prov["nan_pixel_count"] == 2
-    assert prov["roi_pixel_count"] == 3 * 49 - 2
-    assert prov["calibration_pixel_count"] == 3 * 49
+    assert prov["calibration_pixel_count"] == 3 * 49 - 2
+    assert prov["map_pixel_count"] == 3 * 49
+    assert prov["roi_pixel_count"] is None  # no ROI
+    assert prov["normal_min"] == float(np.nanmin(a)) and prov["normal_max"] == float(np.nanmax(a))
 
 
 # ----------------------------------------------------------------------------
@@ -260,13 +276,16 @@ def test_provenance_fields():
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     t, prov = cal.compute()
     assert set(prov) == PROVENANCE_KEYS
-    assert prov["source"] == "calibration"
+    assert prov["source"] == "train_dir"
     assert prov["method"] == "normal_pixel_quantile"
     assert prov["q"] == 0.9
     assert prov["calibration_map_count"] == 4
-    assert prov["calibration_pixel_count"] == 800
+    assert prov["calibration_pixel_count"] == 4 * 5 * 12  # rows 0..4, columns 4..15
+    assert prov["map_pixel_count"] == 800
     assert prov["roi_xyxy_norm"] == [0.2, 0.0, 0.8, 0.5]
-    assert prov["roi_pixel_count"] == 4 * 5 * 12  # rows 0..4, columns 4..15
+    assert prov["roi_pixel_count"] == 5 * 12  # per map, pyimgano's meaning
+    assert prov["roi_used"] is True and prov["roi_reason"] is None
+    assert prov["exactness"] == "exact" and prov["passes"] == 1
     assert prov["fingerprint"].startswith("sha256:") and len(prov["fingerprint"]) == 71
     assert prov["torchdefects_version"] == torchdefects.__version__
     assert prov["created_at"].endswith("Z")
@@ -351,15 +370,19 @@ def test_resolve_order(tmp_path):
     cal = PixelThresholdCalibrator(q=0.5)
     cal.update(torch.arange(4.0).reshape(1, 2, 2))
     cfg = DefectsConfig(pixel_threshold=0.7)
-    assert resolve_pixel_threshold(0.3, cfg, "c.json", cal) == (0.3, {"source": "explicit"})
+    assert resolve_pixel_threshold(0.3, cfg, "c.json", cal) == (
+        0.3,
+        {"source": "explicit", "method": "fixed", "value": 0.3},
+    )
     assert resolve_pixel_threshold(None, cfg, "c.json", cal) == (
         0.7,
-        {"source": "config", "path": "c.json"},
+        {"source": "infer_config", "method": "fixed", "value": 0.7, "path": "c.json"},
     )
     t, prov = resolve_pixel_threshold(None, DefectsConfig(), "c.json", cal)
-    assert t == 1.5 and prov["source"] == "calibration"
+    assert t == 1.5 and prov["source"] == "train_dir"
+    # an old-vocabulary pair is converted
     t, prov = resolve_pixel_threshold(calibration=(0.4, {"source": "calibration", "q": 0.9}))
-    assert (t, prov["q"]) == (0.4, 0.9)
+    assert (t, prov["q"], prov["source"], prov["upgraded_from"]) == (0.4, 0.9, "train_dir", "calibration")
 
 
 def test_resolve_config_keeps_stored_provenance(tmp_path):
@@ -368,9 +391,24 @@ def test_resolve_config_keeps_stored_provenance(tmp_path):
     save_config(DefectsConfig(pixel_threshold=0.25, pixel_threshold_provenance=stored), path)
     t, prov = resolve_pixel_threshold(config_path=path)
     assert t == 0.25
-    assert prov == {"source": "config", "path": path, "stored_provenance": stored}
+    assert prov == {
+        "source": "infer_config",
+        "method": "fixed",
+        "value": 0.25,
+        "path": path,
+        "stored_provenance": {
+            "source": "train_dir",
+            "method": "normal_pixel_quantile",
+            "q": 0.99,
+            "fingerprint": "sha256:ab",
+            "roi_used": False,
+            "roi_reason": None,
+            "roi_pixel_count": None,
+            "upgraded_from": "calibration",
+        },
+    }
     t, prov = resolve_pixel_threshold(config={"defects": {"pixel_threshold": 2}})
-    assert (t, prov) == (2.0, {"source": "config", "path": None})
+    assert (t, prov) == (2.0, {"source": "infer_config", "method": "fixed", "value": 2.0, "path": None})
 
 
 def test_resolve_error_names_three_ways():

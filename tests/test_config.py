@@ -13,10 +13,10 @@ from torchdefects.config import (
     set_pixel_threshold,
 )
 
-PROV = {"source": "calibration", "method": "normal_pixel_quantile", "q": 0.999}
+PROV = {"source": "train_dir", "method": "normal_pixel_quantile", "q": 0.999}
 
 FULL = {
-    "schema_version": 1,
+    "schema_version": 2,
     "defects": {
         "pixel_threshold": 0.53,
         "pixel_threshold_provenance": PROV,
@@ -53,7 +53,8 @@ def test_defaults_and_keys():
     cfg = load_config({})
     assert cfg == DefectsConfig()
     assert cfg.mask_format == "png" and cfg.pixel_threshold_provenance is None
-    assert set(DEFECTS_KEYS) == set(FULL["defects"])
+    assert set(DEFECTS_KEYS) == set(DefectsConfig().to_dict())
+    assert set(FULL["defects"]) <= set(DEFECTS_KEYS)
 
 
 def test_global_block(tmp_path):
@@ -119,7 +120,7 @@ def test_round_trip_dataclass(tmp_path):
     p = str(tmp_path / "x.json")
     save_config(cfg, p)
     assert load_config(p) == cfg
-    assert read_config_dict(p)["schema_version"] == 1
+    assert read_config_dict(p)["schema_version"] == 2
     save_config(load_config(p), p)
     assert load_config(p) == cfg
 
@@ -147,7 +148,9 @@ def test_set_pixel_threshold():
         "pixel_threshold": 0.7,
         "pixel_threshold_provenance": PROV,
     }
-    assert out["schema_version"] == 1 and out["model"] == "x"
+    assert out["schema_version"] == 2 and out["model"] == "x"
+    # an existing schema_version (pyimgano's 1) is kept, so pyimgano still reads the file
+    assert set_pixel_threshold({"schema_version": 1}, 0.7, PROV)["schema_version"] == 1
     out = set_pixel_threshold(out, 0.9, PROV, category="bottle", roi_xyxy_norm=[0, 0, 1, 0.5])
     assert out["per_category"]["bottle"]["defects"]["pixel_threshold"] == 0.9
     cfg = load_config(out, "bottle")
@@ -190,8 +193,8 @@ def test_nan_in_file(tmp_path):
 STRUCTURE_ERRORS = [
     ({"defect": {}}, "unknown top-level key 'defect'; did you mean 'defects'?"),
     ({"per_categroy": {}}, "unknown top-level key 'per_categroy'; did you mean 'per_category'?"),
-    ({"schema_version": 2}, "schema_version must be 1, got 2"),
-    ({"schema_version": True}, "schema_version must be 1, got True"),
+    ({"schema_version": 3}, "schema_version must be 1 or 2, got 3"),
+    ({"schema_version": True}, "schema_version must be 1 or 2, got True"),
     ({"defects": [1]}, "defects must be a JSON object, got [1]"),
     ({"per_category": [1]}, "per_category must be a JSON object, got [1]"),
     ({"per_category": {"bottle": 3}}, "per_category.bottle must be a JSON object, got 3"),
@@ -201,14 +204,13 @@ STRUCTURE_ERRORS = [
     ),
     (
         {"defects": {"min_aera": 3}},
-        "defects: unknown key 'min_aera' (at defects.min_aera); allowed keys: pixel_threshold, "
-        "roi_xyxy_norm, open_ksize, close_ksize, fill_holes, min_area, max_regions, "
-        "connectivity, pixel_threshold_provenance, mask_format",
+        "defects: unknown key 'min_aera' (at defects.min_aera); did you mean 'min_area'? "
+        "allowed keys: enabled, pixel_threshold, ",
     ),
     (
         {"per_category": {"bottle": {"defects": {"threshold": 3}}}},
         "per_category.bottle.defects: unknown key 'threshold' "
-        "(at per_category.bottle.defects.threshold); allowed keys: pixel_threshold",
+        "(at per_category.bottle.defects.threshold); did you mean 'pixel_threshold'? allowed keys: ",
     ),
     ({"defects": {"_prefix": "x"}}, "unknown key '_prefix'"),
 ]
@@ -247,8 +249,8 @@ FIELD_ERRORS = [
     (
         "pixel_threshold_provenance",
         {"source": "guess"},
-        "pixel_threshold_provenance.source must be one of 'explicit', 'config', 'calibration', "
-        "got 'guess'",
+        "pixel_threshold_provenance.source must be one of 'explicit', 'infer_config', "
+        "'train_dir', got 'guess'",
     ),
     (
         "pixel_threshold_provenance",
@@ -297,5 +299,6 @@ def test_category_errors(tmp_path):
 def test_null_blocks():
     assert load_config({"per_category": None}, "a") == DefectsConfig()
     assert load_config({"per_category": {"a": {}}}, "a") == DefectsConfig()
-    with pytest.raises(ConfigError, match="defects must be a JSON object, got None"):
-        load_config({"defects": None})
+    # pyimgano reads a null block as its defaults
+    assert load_config({"defects": None}) == DefectsConfig()
+    assert load_config({"per_category": {"a": {"defects": None}}}, "a") == DefectsConfig()
