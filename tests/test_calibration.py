@@ -382,7 +382,12 @@ def test_resolve_order(tmp_path):
     assert t == 1.5 and prov["source"] == "train_dir"
     # an old-vocabulary pair is converted
     t, prov = resolve_pixel_threshold(calibration=(0.4, {"source": "calibration", "q": 0.9}))
-    assert (t, prov["q"], prov["source"], prov["upgraded_from"]) == (0.4, 0.9, "train_dir", "calibration")
+    assert (t, prov["q"], prov["source"], prov["upgraded_from"]) == (
+        0.4,
+        0.9,
+        "train_dir",
+        "calibration",
+    )
 
 
 def test_resolve_config_keeps_stored_provenance(tmp_path):
@@ -408,7 +413,10 @@ def test_resolve_config_keeps_stored_provenance(tmp_path):
         },
     }
     t, prov = resolve_pixel_threshold(config={"defects": {"pixel_threshold": 2}})
-    assert (t, prov) == (2.0, {"source": "infer_config", "method": "fixed", "value": 2.0, "path": None})
+    assert (t, prov) == (
+        2.0,
+        {"source": "infer_config", "method": "fixed", "value": 2.0, "path": None},
+    )
 
 
 def test_resolve_error_names_three_ways():

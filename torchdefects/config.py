@@ -145,10 +145,8 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A dataclass field with its documentation in ``metadata`` (see :func:`field_flag`)."""
+    """``field(default=default, metadata={"help": help, **meta})`` for immutable defaults."""
     meta["help"] = help
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -199,18 +197,23 @@ class DefectsConfig:
         group="threshold",
         oracle="numpy.quantile (linear)",
     )
-    pixel_threshold_provenance: Optional[Dict[str, Any]] = _f(
-        None,
-        "where pixel_threshold came from (docs/calibration.md), or null",
-        cli=False,
-        group="threshold",
-        oracle="-",
+    pixel_threshold_provenance: Optional[Dict[str, Any]] = field(
+        default=None,
+        metadata={
+            "help": "where pixel_threshold came from (docs/calibration.md), or null",
+            "cli": False,
+            "group": "threshold",
+            "oracle": "-",
+        },
     )
-    roi_xyxy_norm: Optional[List[float]] = _f(
-        None,
-        "region of interest [x1, y1, x2, y2] in [0, 1] (clamped, reordered); null: whole map",
-        group="roi",
-        oracle="numpy slicing floor(x1 W)..ceil(x2 W)-1",
+    roi_xyxy_norm: Optional[List[float]] = field(
+        default=None,
+        metadata={
+            "help": "region of interest [x1, y1, x2, y2] in [0, 1] (clamped, reordered); "
+            "null: whole map",
+            "group": "roi",
+            "oracle": "numpy slicing floor(x1 W)..ceil(x2 W)-1",
+        },
     )
     mask_space: str = _f(
         "roi",
@@ -573,14 +576,20 @@ PROVENANCE_SCHEMA: Dict[str, Any] = {
         "nan_pixel_count": _COUNT,
         "normal_min": {"type": ["number", "null"]},
         "normal_max": {"type": ["number", "null"]},
-        "normal_quantiles": {"type": "object", "additionalProperties": {"type": ["number", "null"]}},
+        "normal_quantiles": {
+            "type": "object",
+            "additionalProperties": {"type": ["number", "null"]},
+        },
         "stored_provenance": {"type": ["object", "null"]},
         "upgraded_from": {"type": "string"},
     },
     "allOf": [
         {
             "if": {"properties": {"source": {"enum": list(PROVENANCE_SOURCES)}}},
-            "then": {"required": ["method"], "properties": {"method": {"enum": list(PROVENANCE_METHODS)}}},
+            "then": {
+                "required": ["method"],
+                "properties": {"method": {"enum": list(PROVENANCE_METHODS)}},
+            },
         }
     ],
 }
@@ -741,7 +750,8 @@ def _find_out_of_range(raw: Any) -> Optional[Tuple[str, str]]:
         if isinstance(v, bool):
             continue
         if isinstance(v, int) and not -_INT64_MAX - 1 <= v <= _INT64_MAX:
-            return path or "$", _OutOfRange(str(v)).describe()
+            # str() of a huge int is refused past 4300 digits; the bit length is enough.
+            return path or "$", f"integer of {v.bit_length()} bits is outside the int64 range"
         if isinstance(v, dict):
             for k in reversed(list(v)):
                 todo.append((f"{path}.{k}" if path else str(k), v[k]))
@@ -1110,7 +1120,7 @@ def config_docs_markdown() -> str:
         "Every field of `DefectsConfig`: a key of a config file's `defects` block (pyimgano's",
         "names), a keyword of `DefectsConfig(...)`, and a flag of `torchdefects run`. pyimgano's",
         "nested forms (`map_smoothing.method`, `hysteresis.low`, `shape_filters.min_solidity`,",
-        "`merge_nearby.max_gap_px`, ...) are read into the flat fields. \"Not supported yet\"",
+        '`merge_nearby.max_gap_px`, ...) are read into the flat fields. "Not supported yet"',
         "fields accept only the neutral value shown until their stage lands",
         "(`UNSUPPORTED_UNTIL_IMPLEMENTED`). The oracle is what the stage is tested against.",
         "",
@@ -1138,7 +1148,7 @@ def config_docs_markdown() -> str:
         "",
         "## Kernel sizes",
         "",
-        f"`open_ksize`, `close_ksize`, `mask_dilate_ksize` and `map_smoothing_ksize` are at most",
+        "`open_ksize`, `close_ksize`, `mask_dilate_ksize` and `map_smoothing_ksize` are at most",
         f"{KSIZE_MAX}. A k x k window centred on any pixel of an H x W map covers the whole map",
         "once k >= 2 max(H, W) + 1, so any larger window gives the same result as that one: a",
         f"cap loses nothing on maps up to {(KSIZE_MAX - 1) // 2} px a side (500 px of margin",
