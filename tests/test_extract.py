@@ -194,3 +194,15 @@ def test_against_pyimgano_when_installed():
         for r in ours["regions"]:
             match = [t for t in theirs["regions"] if t["bbox_xyxy"] == r["bbox_xyxy"]]
             assert any(abs(t["score_max"] - r["score_max"]) <= 1e-6 for t in match)
+
+
+def test_docs_pyimgano_python_blocks_run():
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "pyimgano.md")
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, "docs/pyimgano.md", "exec"), {})
