@@ -556,10 +556,14 @@ def test_deep_nesting_names_the_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     msg = str(e.value)
-    assert msg.startswith(f"{p}: $.model.x[0][0]") and "nesting deeper than 64 levels" in msg
+    assert msg.startswith(f"{p}: model.x[0][0]") and "nesting deeper than 64 levels" in msg
     deep_obj = '{"a": ' * depth + "1" + "}" * depth
-    with pytest.raises(ConfigError, match=r"\$\.a\.a\.a.*nesting deeper"):
+    with pytest.raises(ConfigError, match=r": a\.a\.a.*nesting deeper"):
         load_config(_write(tmp_path, deep_obj, "d.json"))
+    # deeper than the limit but within what json parses: the walk names the path
+    mid = '{"model": {"y": ' + "[" * 100 + "]" * 100 + "}}"
+    with pytest.raises(ConfigError, match=r"mid.json: model\.y(\[0\]){62}: nesting deeper"):
+        load_config(_write(tmp_path, mid, "mid.json"))
     # keys with escapes and brackets inside strings do not confuse the path
     ok = '{"model": {"we\\"ird[{": "]}]", "n": [[[1]]]}, "defects": {"min_area": 2}}'
     assert load_config(_write(tmp_path, ok, "ok.json")).min_area == 2
@@ -571,7 +575,10 @@ def test_deep_python_dict_does_not_recurse():
     for _ in range(100_000):
         cur["x"] = {}
         cur = cur["x"]
-    assert load_config({"model": d}) == DefectsConfig()
+    with pytest.raises(ConfigError, match=r"^model(\.x){63}: nesting deeper than 64 levels"):
+        load_config({"model": d})
+    shallow = {"a": {"b": [[{"c": [1]}]]}}
+    assert load_config({"model": shallow}) == DefectsConfig()
 
 
 def test_oversized_file(tmp_path, monkeypatch):

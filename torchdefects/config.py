@@ -29,6 +29,7 @@ import difflib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -697,37 +698,35 @@ def _parse_float(text: str) -> Any:
     return v if math.isfinite(v) else _OutOfRange(text)
 
 
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\],:]')
+
+
 def _depth_error_path(text: str, limit: int) -> Optional[str]:
     """The key path where nesting first passes ``limit`` levels, or ``None`` if it never does."""
+    if text.count("{") + text.count("[") <= limit:
+        return None  # cannot nest deeper than the number of openers
     stack: List[List[Any]] = []  # [kind, key or index, expecting_key]
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
+    for m in _TOKENS.finditer(text):
+        tok = m.group()
+        if tok[0] == '"':
             if stack and stack[-1][0] == "{" and stack[-1][2]:
                 try:
-                    stack[-1][1] = json.loads(text[i : j + 1])
+                    stack[-1][1] = json.loads(tok)
                 except ValueError:
-                    stack[-1][1] = text[i + 1 : j]
+                    stack[-1][1] = tok[1:-1]
                 stack[-1][2] = False
-            i = j + 1
-            continue
-        if c in "{[":
-            stack.append([c, None if c == "{" else 0, c == "{"])
+        elif tok in "{[":
+            stack.append([tok, None if tok == "{" else 0, tok == "{"])
             if len(stack) > limit:
                 return _path_of(stack[:-1])
-        elif c in "}]":
+        elif tok in "}]":
             if stack:
                 stack.pop()
-        elif c == "," and stack:
+        elif tok == "," and stack:
             if stack[-1][0] == "[":
                 stack[-1][1] += 1
             else:
                 stack[-1][2] = True
-        i += 1
     return None
 
 
@@ -735,50 +734,81 @@ def _path_of(stack: List[List[Any]]) -> str:
     parts = []
     for kind, key, _ in stack:
         parts.append(f"[{key}]" if kind == "[" else f".{key}")
-    return ("$" + "".join(parts)) if parts else "$"
+    return "".join(parts).lstrip(".") or "$"
 
 
-def _find_out_of_range(raw: Any) -> Optional[Tuple[str, str]]:
-    """The first ``(path, message)`` of an out-of-range number in ``raw`` (iterative walk)."""
-    todo: List[Tuple[str, Any]] = [("", raw)]
-    seen = 0
-    while todo:
-        path, v = todo.pop()
-        seen += 1
-        if isinstance(v, _OutOfRange):
-            return path or "$", v.describe()
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int) and not -_INT64_MAX - 1 <= v <= _INT64_MAX:
-            # str() of a huge int is refused past 4300 digits; the bit length is enough.
-            return path or "$", f"integer of {v.bit_length()} bits is outside the int64 range"
-        if isinstance(v, dict):
-            for k in reversed(list(v)):
-                todo.append((f"{path}.{k}" if path else str(k), v[k]))
-        elif isinstance(v, (list, tuple)):
-            for idx in range(len(v) - 1, -1, -1):
-                todo.append((f"{path}[{idx}]", v[idx]))
+def _bad_number(v: Any) -> Optional[str]:
+    if isinstance(v, _OutOfRange):
+        return v.describe()
+    if type(v) is int and not -_INT64_MAX - 1 <= v <= _INT64_MAX:
+        # str() of a huge int is refused past 4300 digits; the bit length is enough.
+        return f"integer of {v.bit_length()} bits is outside the int64 range"
     return None
+
+
+def _has_problem(raw: Any, limit: int) -> bool:
+    """Whether ``raw`` holds an out-of-range number or nests deeper than ``limit`` (fast)."""
+    todo: List[Tuple[Any, int]] = [(raw, 0)]
+    while todo:
+        obj, depth = todo.pop()
+        values = obj.values() if isinstance(obj, dict) else obj
+        for v in values:
+            if isinstance(v, (dict, list, tuple)):
+                if depth + 1 >= limit:
+                    return True
+                todo.append((v, depth + 1))
+            elif _bad_number(v) is not None:
+                return True
+    return _bad_number(raw) is not None
+
+
+def _find_problem(raw: Any, limit: int = MAX_CONFIG_DEPTH) -> Optional[Tuple[str, str]]:
+    """The first ``(path, message)``: an out-of-range number, or nesting past ``limit``.
+
+    Iterative (no recursion, whatever the depth); paths are built only when there is a
+    problem to name.
+    """
+    if not isinstance(raw, (dict, list, tuple)):
+        bad = _bad_number(raw)
+        return None if bad is None else ("$", bad)
+    if not _has_problem(raw, limit):
+        return None
+    todo: List[Tuple[str, Any, int]] = [("", raw, 0)]
+    while todo:
+        path, v, depth = todo.pop()
+        bad = _bad_number(v)
+        if bad is not None:
+            return path or "$", bad
+        if isinstance(v, (dict, list, tuple)):
+            if depth >= limit:
+                return path or "$", f"nesting deeper than {limit} levels; a config is a few deep"
+            if isinstance(v, dict):
+                for k in reversed(list(v)):
+                    todo.append((f"{path}.{k}" if path else str(k), v[k], depth + 1))
+            else:
+                for idx in range(len(v) - 1, -1, -1):
+                    todo.append((f"{path}[{idx}]", v[idx], depth + 1))
+    return None  # pragma: no cover - _has_problem said there is one
 
 
 def _loads_bounded(text: str, where: str) -> Any:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{where}config is {len(text)} bytes; at most {MAX_CONFIG_BYTES}")
-    deep = _depth_error_path(text, MAX_CONFIG_DEPTH)
-    if deep is not None:
-        raise ConfigError(
-            f"{where}{deep}: nesting deeper than {MAX_CONFIG_DEPTH} levels; a config is "
-            "a few levels deep"
-        )
     try:
         raw = json.loads(text, parse_int=_parse_int, parse_float=_parse_float)
     except json.JSONDecodeError as e:
         raise ConfigError(
             f"{where}not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
         ) from e
-    except (RecursionError, ValueError) as e:
+    except RecursionError as e:
+        deep = _depth_error_path(text, MAX_CONFIG_DEPTH)
+        raise ConfigError(
+            f"{where}{deep or '$'}: nesting deeper than {MAX_CONFIG_DEPTH} levels; a config is "
+            "a few levels deep"
+        ) from e
+    except ValueError as e:
         raise ConfigError(f"{where}not a readable JSON config: {type(e).__name__}: {e}") from e
-    bad = _find_out_of_range(raw)
+    bad = _find_problem(raw)
     if bad is not None:
         raise ConfigError(f"{where}{bad[0]}: {bad[1]}")
     return raw
@@ -929,10 +959,7 @@ def validate_config_dict(raw: Any, source: Optional[str] = None) -> Dict[str, De
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{_where(source)}config must be a JSON object, got {type(raw).__name__}")
-    try:
-        bad = _find_out_of_range(raw)
-    except RecursionError:  # pragma: no cover - the walk is iterative
-        bad = ("$", "nesting too deep")
+    bad = _find_problem(raw)
     if bad is not None:
         raise ConfigError(f"{_where(source)}{bad[0]}: {bad[1]}")
     where = _where(source)
