@@ -803,6 +803,12 @@ def test_round_trip_keeps_foreign_keys(tmp_path):
     assert back["defects"]["map_smoothing"] == raw["defects"]["map_smoothing"]
     assert back["per_category"]["bottle"]["threshold"] == 0.3
     assert load_config(p).pixel_threshold == 0.61 and cfg.min_area == 2
+    # a NaN metric in a pyimgano report does not block writing; it becomes null
+    raw["per_category"]["bottle"]["metrics"] = {"pixel_auroc": float("nan")}
+    save_config(raw, p)
+    assert read_config_dict(p)["per_category"]["bottle"]["metrics"] == {"pixel_auroc": None}
+    with pytest.raises(ConfigError, match="not plain JSON"):
+        save_config({"model": {1, 2}}, p)
 
 
 # --- field metadata and docs/config.md ---------------------------------------------------

@@ -1068,7 +1068,9 @@ def save_config(config_or_dict: Union[DefectsConfig, Dict[str, Any]], path: str)
     Args:
         config_or_dict: a :class:`DefectsConfig` (written as the ``defects`` block with
             ``schema_version``) or a whole config dict (written as given, keys outside the
-            ``defects`` blocks included: a pyimgano ``infer_config.json`` keeps its keys).
+            ``defects`` blocks included: a pyimgano ``infer_config.json`` keeps its keys;
+            a NaN or infinity among them, which pyimgano's reports can hold, is written as
+            ``null``, as strict JSON requires).
         path: destination.
 
     ``load_config(path) == config`` after ``save_config(config, path)``.
@@ -1092,7 +1094,8 @@ def save_config(config_or_dict: Union[DefectsConfig, Dict[str, Any]], path: str)
             f"config must be a DefectsConfig or a dict, got {type(config_or_dict).__name__}"
         )
     try:
-        json.dumps(raw, allow_nan=False)
+        # NaN outside the validated blocks (a pyimgano report's metric) is written as null.
+        json.dumps(raw)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{os.fspath(path)}: config is not plain JSON: {e}") from e
     atomic_write_json(os.fspath(path), raw)
