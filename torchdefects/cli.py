@@ -263,7 +263,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     where = f"per_category.{category}.defects" if category else "defects"
     _print(
         f"calibrate: pixel_threshold = {threshold!r} (q={provenance['q']}, "
-        f"{provenance['calibration_map_count']} maps, {provenance['calibration_pixel_count']} ROI pixels)"
+        f"{provenance['calibration_map_count']} maps, "
+        f"{provenance['calibration_pixel_count']} ROI pixels)"
         f" -> {args.output} [{where}]",
         quiet,
     )
