@@ -845,3 +845,63 @@ def test_docs_config_md_is_generated():
     )
     for name in DEFECTS_KEYS:
         assert f"| `{name}` |" in committed
+
+
+def test_workbench_recipe_config_reads():
+    # pyimgano's recipe config (examples/configs style): other top-level sections, same block
+    recipe = {
+        "recipe": "industrial-adapt-fp40",
+        "seed": 123,
+        "meta": {"purpose": "defects-roi"},
+        "dataset": {"name": "mvtec", "category": "bottle", "resize": [256, 256]},
+        "model": {"name": "vision_patchcore", "device": "cuda"},
+        "adaptation": {"save_maps": True},
+        "defects": {
+            "enabled": True,
+            "pixel_threshold": 0.5,
+            "pixel_threshold_strategy": "fixed",
+            "mask_format": "png",
+            "roi_xyxy_norm": [0.1, 0.1, 0.9, 0.9],
+            "min_area": 0,
+            "min_score_max": None,
+            "min_score_mean": None,
+            "open_ksize": 0,
+            "close_ksize": 0,
+            "fill_holes": False,
+            "max_regions": None,
+        },
+        "output": {"save_run": True, "per_image_jsonl": True},
+    }
+    cfg = load_config(recipe)
+    assert (cfg.pixel_threshold, cfg.roi_xyxy_norm) == (0.5, [0.1, 0.1, 0.9, 0.9])
+
+
+def test_calibrate_into_a_pyimgano_file_keeps_it(tmp_path):
+    import numpy as np
+
+    from torchdefects.cli import main
+
+    maps = tmp_path / "normal"
+    maps.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((8, 10)).astype(np.float32) for _ in range(3)]
+    for i, a in enumerate(arrays):
+        np.save(maps / f"m{i}.npy", a)
+    p = _write(tmp_path, WORKBENCH_EXPORT, "infer_config.json")
+    rc = main(["calibrate", "--maps", str(maps), "--q", "0.9", "-o", p, "--quiet"])
+    assert rc == 0
+    back = read_config_dict(p)
+    for key in WORKBENCH_EXPORT:
+        if key != "defects":
+            assert back[key] == WORKBENCH_EXPORT[key], key
+    assert back["defects"]["map_smoothing"] == PYIMGANO_DEFECTS["map_smoothing"]
+    prov = back["defects"]["pixel_threshold_provenance"]
+    assert (prov["source"], prov["method"], prov["roi_used"]) == (
+        "train_dir",
+        "normal_pixel_quantile",
+        True,
+    )
+    # the file's ROI [0.1, 0.1, 0.9, 0.9] on 8 x 10 maps: rows 0..7, columns 1..8
+    assert prov["roi_pixel_count"] == 8 * 8 and prov["calibration_pixel_count"] == 3 * 64
+    roi_pixels = np.concatenate([a[0:8, 1:9].ravel() for a in arrays]).astype(np.float64)
+    assert back["defects"]["pixel_threshold"] == float(np.quantile(roi_pixels, 0.9))
