@@ -25,6 +25,14 @@ PROVENANCE_KEYS = {
     "calibration_pixel_count",
     "roi_xyxy_norm",
     "roi_pixel_count",
+    "roi_used",
+    "roi_reason",
+    "map_pixel_count",
+    "exactness",
+    "passes",
+    "normal_min",
+    "normal_max",
+    "normal_quantiles",
     "fingerprint",
     "torchdefects_version",
     "created_at",
@@ -75,7 +83,13 @@ def test_equals_numpy_quantile_with_ties(q, roi, device):
     batches = [_tied(rng, (int(rng.integers(1, 5)), 1, 12, 17)) for _ in range(7)]
     t, prov = _run(batches, q, roi, device)
     assert t == _oracle(batches, q, roi)
-    assert prov["roi_pixel_count"] == sum(_roi_pixels(b, roi).size for b in batches)
+    # pyimgano's meanings: calibration_pixel_count = pixels in the quantile (all maps),
+    # roi_pixel_count = ROI pixels per map (null without a ROI)
+    assert prov["calibration_pixel_count"] == sum(_roi_pixels(b, roi).size for b in batches)
+    per_map = _roi_pixels(batches[0][:1], roi).size
+    assert prov["roi_pixel_count"] == (None if roi is None else per_map)
+    assert prov["roi_used"] is (roi is not None)
+    assert prov["map_pixel_count"] == sum(np.asarray(b).size for b in batches)
 
 
 @pytest.mark.parametrize("q", QS)
@@ -129,10 +143,24 @@ def test_property_small_prune_threshold(data, q, levels):
         cal = PixelThresholdCalibrator(q=q)
         # no margin in the first pass: stress the exactness check and the second pass
         cal._target = lambda: cal._need(cal._fixed_count or max(cal._n, 1))
-        t, _ = _feed(cal, batches)
+        t, prov = _feed(cal, batches)
         assert t == _oracle(batches, q)
+        _check_extras(prov, batches, q)
     finally:
         calmod._MIN_PRUNE = old
+
+
+def _check_extras(prov, batches, q, roi=None):
+    """normal_min / max always exact; each normal quantile null or equal to numpy's."""
+    allp = np.concatenate([_roi_pixels(np.asarray(b), roi) for b in batches]).astype(np.float64)
+    allp = allp[~np.isnan(allp)]
+    assert prov["normal_min"] == float(allp.min()) and prov["normal_max"] == float(allp.max())
+    for key, v in prov["normal_quantiles"].items():
+        qq = float(key)
+        if q >= 0.5 and qq >= q:
+            assert v is not None, key  # a quantile above q is always among the kept values
+        if v is not None:
+            assert v == float(np.quantile(allp, qq)), key
 
 
 def test_late_high_values_need_a_second_pass():
@@ -154,6 +182,8 @@ def test_late_high_values_need_a_second_pass():
     want = float(np.quantile(allp, 0.999))
     assert t == want
     assert prov["calibration_map_count"] == 32 + 128
+    assert prov["passes"] == 2
+    _check_extras(prov, batches, 0.999)
 
 
 def test_second_pass_with_other_data_raises():
@@ -242,8 +272,10 @@ def test_nan_omit():
     assert t == float(np.quantile(a[~np.isnan(a)], 0.75))
     assert prov["nan_policy"] == "omit"
     assert prov["nan_pixel_count"] == 2
-    assert prov["roi_pixel_count"] == 3 * 49 - 2
-    assert prov["calibration_pixel_count"] == 3 * 49
+    assert prov["calibration_pixel_count"] == 3 * 49 - 2
+    assert prov["map_pixel_count"] == 3 * 49
+    assert prov["roi_pixel_count"] is None  # no ROI
+    assert prov["normal_min"] == float(np.nanmin(a)) and prov["normal_max"] == float(np.nanmax(a))
 
 
 # ----------------------------------------------------------------------------
@@ -260,13 +292,16 @@ def test_provenance_fields():
     before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     t, prov = cal.compute()
     assert set(prov) == PROVENANCE_KEYS
-    assert prov["source"] == "calibration"
+    assert prov["source"] == "train_dir"
     assert prov["method"] == "normal_pixel_quantile"
     assert prov["q"] == 0.9
     assert prov["calibration_map_count"] == 4
-    assert prov["calibration_pixel_count"] == 800
+    assert prov["calibration_pixel_count"] == 4 * 5 * 12  # rows 0..4, columns 4..15
+    assert prov["map_pixel_count"] == 800
     assert prov["roi_xyxy_norm"] == [0.2, 0.0, 0.8, 0.5]
-    assert prov["roi_pixel_count"] == 4 * 5 * 12  # rows 0..4, columns 4..15
+    assert prov["roi_pixel_count"] == 5 * 12  # per map, pyimgano's meaning
+    assert prov["roi_used"] is True and prov["roi_reason"] is None
+    assert prov["exactness"] == "exact" and prov["passes"] == 1
     assert prov["fingerprint"].startswith("sha256:") and len(prov["fingerprint"]) == 71
     assert prov["torchdefects_version"] == torchdefects.__version__
     assert prov["created_at"].endswith("Z")
@@ -351,15 +386,24 @@ def test_resolve_order(tmp_path):
     cal = PixelThresholdCalibrator(q=0.5)
     cal.update(torch.arange(4.0).reshape(1, 2, 2))
     cfg = DefectsConfig(pixel_threshold=0.7)
-    assert resolve_pixel_threshold(0.3, cfg, "c.json", cal) == (0.3, {"source": "explicit"})
+    assert resolve_pixel_threshold(0.3, cfg, "c.json", cal) == (
+        0.3,
+        {"source": "explicit", "method": "fixed", "value": 0.3},
+    )
     assert resolve_pixel_threshold(None, cfg, "c.json", cal) == (
         0.7,
-        {"source": "config", "path": "c.json"},
+        {"source": "infer_config", "method": "fixed", "value": 0.7, "path": "c.json"},
     )
     t, prov = resolve_pixel_threshold(None, DefectsConfig(), "c.json", cal)
-    assert t == 1.5 and prov["source"] == "calibration"
+    assert t == 1.5 and prov["source"] == "train_dir"
+    # an old-vocabulary pair is converted
     t, prov = resolve_pixel_threshold(calibration=(0.4, {"source": "calibration", "q": 0.9}))
-    assert (t, prov["q"]) == (0.4, 0.9)
+    assert (t, prov["q"], prov["source"], prov["upgraded_from"]) == (
+        0.4,
+        0.9,
+        "train_dir",
+        "calibration",
+    )
 
 
 def test_resolve_config_keeps_stored_provenance(tmp_path):
@@ -368,9 +412,27 @@ def test_resolve_config_keeps_stored_provenance(tmp_path):
     save_config(DefectsConfig(pixel_threshold=0.25, pixel_threshold_provenance=stored), path)
     t, prov = resolve_pixel_threshold(config_path=path)
     assert t == 0.25
-    assert prov == {"source": "config", "path": path, "stored_provenance": stored}
+    assert prov == {
+        "source": "infer_config",
+        "method": "fixed",
+        "value": 0.25,
+        "path": path,
+        "stored_provenance": {
+            "source": "train_dir",
+            "method": "normal_pixel_quantile",
+            "q": 0.99,
+            "fingerprint": "sha256:ab",
+            "roi_used": False,
+            "roi_reason": None,
+            "roi_pixel_count": None,
+            "upgraded_from": "calibration",
+        },
+    }
     t, prov = resolve_pixel_threshold(config={"defects": {"pixel_threshold": 2}})
-    assert (t, prov) == (2.0, {"source": "config", "path": None})
+    assert (t, prov) == (
+        2.0,
+        {"source": "infer_config", "method": "fixed", "value": 2.0, "path": None},
+    )
 
 
 def test_resolve_error_names_three_ways():
@@ -383,3 +445,83 @@ def test_resolve_error_names_three_ways():
     assert "calibrate on normal maps" in msg
     with pytest.raises(ValueError, match="pixel_threshold must be finite, got inf"):
         resolve_pixel_threshold(float("inf"))
+
+
+# ----------------------------------------------------------------------------
+# Normal-pixel statistics and the provenance schema
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0.3, 0.9, 0.99, 0.999])
+@pytest.mark.parametrize("roi", [None, [0.1, 0.25, 0.8, 0.9]])
+def test_normal_stats_exact(q, roi, device):
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(size=(3, 1, 40, 50)).astype(np.float32) for _ in range(6)]
+    batches[2][0, 0, 20, 20] = 7.5  # one outlier: the max
+    t, prov = _run(batches, q, roi, device)
+    assert t == _oracle(batches, q, roi)
+    _check_extras(prov, batches, q, roi)
+    if q >= 0.99:
+        assert None not in (prov["normal_quantiles"]["0.99"], prov["normal_quantiles"]["0.9999"])
+    assert set(prov["normal_quantiles"]) == {"0.99", "0.999", "0.9999"}
+
+
+def test_normal_stats_with_nan_omit_and_infinities():
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    x[0, 0, 0, 0] = float("nan")
+    x[1, 0, 2, 2] = float("inf")
+    t, prov = _run([x], 0.5, nan_policy="omit")
+    assert prov["normal_max"] is None  # infinity is not JSON: null
+    a = x.numpy().ravel()
+    assert t == float(np.quantile(a[~np.isnan(a)], 0.5))
+    assert prov["normal_min"] == float(np.nanmin(a))
+    assert prov["normal_quantiles"]["0.9999"] is None or math.isfinite(
+        prov["normal_quantiles"]["0.9999"]
+    )
+
+
+def test_roi_pixel_count_per_map_and_mixed_sizes():
+    roi = [0.0, 0.0, 0.5, 0.5]
+    cal = PixelThresholdCalibrator(q=0.9, roi_xyxy_norm=roi)
+    cal.update(torch.rand(2, 8, 8))
+    assert cal.compute()[1]["roi_pixel_count"] == 16
+    cal.update(torch.rand(1, 10, 10))  # another size: no single per-map count
+    _, prov = cal.compute()
+    assert prov["roi_pixel_count"] is None and prov["calibration_pixel_count"] == 2 * 16 + 25
+
+
+def test_provenance_schema_accepts_every_record(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from torchdefects.config import PROVENANCE_SCHEMA
+
+    cal = PixelThresholdCalibrator(q=0.99, roi_xyxy_norm=[0.1, 0.1, 0.9, 0.9])
+    cal.update(torch.rand(3, 1, 16, 16))
+    records = [cal.compute()[1], resolve_pixel_threshold(0.5)[1]]
+    path = str(tmp_path / "c.json")
+    save_config(DefectsConfig(pixel_threshold=0.5, pixel_threshold_provenance=records[0]), path)
+    records.append(resolve_pixel_threshold(config=path)[1])
+    for rec in records:
+        jsonschema.validate(rec, PROVENANCE_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"source": "train_dir", "method": "guess"}, PROVENANCE_SCHEMA)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"source": "somewhere"}, PROVENANCE_SCHEMA)
+
+
+def test_resolve_strategy():
+    cal = PixelThresholdCalibrator(q=0.5)
+    cal.update(torch.arange(4.0).reshape(1, 2, 2))
+    empty = DefectsConfig()
+    with pytest.raises(ValueError, match="pixel_threshold_strategy=fixed requires a fixed"):
+        resolve_pixel_threshold(None, empty, None, cal, strategy="fixed")
+    with pytest.raises(ValueError, match="pixel_threshold_strategy=infer_config requires"):
+        resolve_pixel_threshold(None, empty, None, cal, strategy="infer_config")
+    assert (
+        resolve_pixel_threshold(None, empty, None, cal, strategy="normal_pixel_quantile")[0] == 1.5
+    )
+    # a threshold given or in the config wins whatever the strategy (pyimgano's order)
+    assert resolve_pixel_threshold(0.2, empty, None, cal, strategy="infer_config")[0] == 0.2
+    cfg = DefectsConfig(pixel_threshold=0.7)
+    assert resolve_pixel_threshold(None, cfg, None, cal, strategy="fixed")[0] == 0.7
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        resolve_pixel_threshold(0.2, strategy="otsu")

@@ -67,11 +67,11 @@ def test_calibrate_end_to_end_with_bad_files(tmp_path, capsys):
     assert "2 of 11 maps failed" in err
     assert "broken.npy" in err and "wrong_shape.npy" in err
     cfg = _read(out)
-    assert cfg["schema_version"] == 1
+    assert cfg["schema_version"] == 2
     t = cfg["defects"]["pixel_threshold"]
     assert t == _oracle(arrays, 0.99)
     prov = cfg["defects"]["pixel_threshold_provenance"]
-    assert prov["source"] == "calibration" and prov["q"] == 0.99
+    assert prov["source"] == "train_dir" and prov["q"] == 0.99
     assert prov["calibration_map_count"] == 9
     assert prov["calibration_pixel_count"] == sum(a.size for a in arrays)
     assert load_config(out).pixel_threshold == t

@@ -71,18 +71,18 @@ def test_flags_override_config_only_when_given(tmp_path):
     assert global_cfg.pixel_threshold == 0.75
 
     cases = [
-        ([], {"pixel_threshold": 0.75}, "config"),
+        ([], {"pixel_threshold": 0.75}, "infer_config"),
         # Flags equal to the library defaults (min_area 0, no fill) still override the file.
         (
             ["--defect-min-area", "0", "--no-defect-fill-holes"],
             {"pixel_threshold": 0.75, "min_area": 0, "fill_holes": False},
-            "config",
+            "infer_config",
         ),
         (["--pixel-threshold", "0.6"], {"pixel_threshold": 0.6}, "explicit"),
         (
             ["--connectivity", "4", "--defect-max-regions", "1", "--defect-open-ksize", "3"],
             {"pixel_threshold": 0.75, "connectivity": 4, "max_regions": 1, "open_ksize": 3},
-            "config",
+            "infer_config",
         ),
     ]
     seen = []

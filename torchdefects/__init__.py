@@ -6,6 +6,7 @@ from torchdefects.calibration import PixelThresholdCalibrator, resolve_pixel_thr
 from torchdefects.components import connected_components
 from torchdefects.config import ConfigError, DefectsConfig, load_config, save_config
 from torchdefects.export import attach, load_scripted, save_scripted
+from torchdefects.extract import extract_defects
 from torchdefects.head import DefectHead, Defects
 from torchdefects.morphology import closing, dilation, erosion, fill_holes, opening
 from torchdefects.overlay import render_overlay
@@ -27,6 +28,7 @@ __all__ = [
     "connected_components",
     "dilation",
     "erosion",
+    "extract_defects",
     "fill_holes",
     "load_config",
     "load_scripted",

@@ -56,6 +56,27 @@ def _normalize_roi(roi: Optional[Sequence[float]]) -> Optional[List[float]]:
     return [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
 
 
+#: Extra quantiles of the normal pixels recorded in the provenance when they are exact.
+NORMAL_QUANTILES = (0.99, 0.999, 0.9999)
+
+
+def _q_key(q: float) -> str:
+    return repr(float(q))
+
+
+def _finite(v: float) -> Optional[float]:
+    return v if math.isfinite(v) else None
+
+
+def _quantile_indices(n: int, q: float) -> Tuple[int, ...]:
+    """The sorted positions ``numpy.quantile`` (linear) reads for ``n`` values at ``q``."""
+    vi = np.float64(n - 1) * np.float64(q)
+    if vi >= n - 1:
+        return (n - 1,)
+    lo = math.floor(vi)
+    return (lo, lo + 1)
+
+
 def _numpy_linear_quantile(n: int, q: float, value_at: Any) -> float:
     """``numpy.quantile(x, q)`` for sorted ``x`` of length ``n``, from ``value_at(i) = x[i]``.
 
@@ -153,6 +174,9 @@ class PixelThresholdCalibrator:
         self._maps = 0
         self._pixels = 0
         self._nan = 0
+        self._min: Optional[Tensor] = None  # running min / max of the normal ROI pixels
+        self._max: Optional[Tensor] = None
+        self._roi_sizes: set = set()  # ROI pixels per map (one value when maps share a size)
         self._sha = hashlib.sha256()
         self._device: Optional[torch.device] = None
         self._dtype = torch.float32
@@ -237,10 +261,17 @@ class PixelThresholdCalibrator:
         self._maps += b
         self._pixels += b * h * w
         self._nan += n_nan
+        if b:
+            self._roi_sizes.add((r1 - r0) * (c1 - c0))
 
         vals = roi.reshape(-1) if roi.is_contiguous() else roi.flatten()
         if n_nan:
             vals = vals[~torch.isnan(vals)]
+        if vals.numel():
+            lo, hi = torch.aminmax(vals)  # no host sync: kept as 0-d tensors
+            lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+            self._min = lo if self._min is None else torch.minimum(self._min, lo)
+            self._max = hi if self._max is None else torch.maximum(self._max, hi)
         key = vals.to(self._dtype) if self._high else -vals.to(self._dtype)
         self._n += key.numel()
         if self._cut is not None:
@@ -326,27 +357,48 @@ class PixelThresholdCalibrator:
         kept = torch.sort(kept, descending=True).values.cpu()
         n_kept = kept.numel()
         cut = None if self._cut is None else float(self._cut)
+        # Ranks (among keys, largest first) known exactly: the kept ones and the cut's ties.
+        known = n_kept + (self._cut_ties if cut is not None else 0)
+
+        def rank(i: int) -> int:
+            return n - 1 - i if self._high else i
 
         def value_at(i: int) -> float:
-            r = n - 1 - i if self._high else i  # rank among keys, largest first
+            r = rank(i)
             v = float(kept[r]) if r < n_kept else cut
             assert v is not None
             return v if self._high else -v
 
         threshold = _numpy_linear_quantile(n, self.q, value_at)
-        return threshold, self._provenance()
+        extra: Dict[str, Optional[float]] = {}
+        for q in NORMAL_QUANTILES:
+            exact = all(rank(i) < known for i in _quantile_indices(n, q))
+            extra[_q_key(q)] = _finite(_numpy_linear_quantile(n, q, value_at)) if exact else None
+        return threshold, self._provenance(extra)
 
-    def _provenance(self) -> Dict[str, Any]:
+    def _provenance(self, quantiles: Dict[str, Optional[float]]) -> Dict[str, Any]:
         from torchdefects import __version__
 
+        roi_used = self.roi_xyxy_norm is not None
+        per_map = None
+        if roi_used and len(self._roi_sizes) == 1:
+            per_map = next(iter(self._roi_sizes))
         prov: Dict[str, Any] = {
-            "source": "calibration",
+            "source": "train_dir",
             "method": "normal_pixel_quantile",
             "q": self.q,
             "calibration_map_count": self._maps,
-            "calibration_pixel_count": self._pixels,
+            "calibration_pixel_count": self._n,
+            "roi_used": roi_used,
+            "roi_reason": None,
             "roi_xyxy_norm": None if self.roi_xyxy_norm is None else list(self.roi_xyxy_norm),
-            "roi_pixel_count": self._n,
+            "roi_pixel_count": per_map,
+            "map_pixel_count": self._pixels,
+            "exactness": "exact",
+            "passes": 1 if self._first_pass is None else 2,
+            "normal_min": None if self._min is None else _finite(float(self._min)),
+            "normal_max": None if self._max is None else _finite(float(self._max)),
+            "normal_quantiles": quantiles,
             "fingerprint": self._fingerprint(),
             "torchdefects_version": __version__,
             "created_at": datetime.datetime.now(datetime.timezone.utc)
@@ -365,24 +417,45 @@ def resolve_pixel_threshold(
     config: Any = None,
     config_path: Optional[str] = None,
     calibration: Any = None,
+    strategy: Optional[str] = None,
 ) -> Tuple[float, Dict[str, Any]]:
     """The pixel threshold and its provenance, from the first source that has one.
 
-    Order: ``explicit`` value -> ``config`` (a :class:`~torchdefects.config.DefectsConfig`,
-    a config dict, or a path; ``config_path`` names the file in the provenance) ->
-    ``calibration`` (a :class:`PixelThresholdCalibrator` with data, or a
-    ``(threshold, provenance)`` pair) -> error.
+    Order (pyimgano's): ``explicit`` value -> ``config`` (a
+    :class:`~torchdefects.config.DefectsConfig`, a config dict, or a path; ``config_path``
+    names the file in the provenance) -> ``calibration`` (a :class:`PixelThresholdCalibrator`
+    with data, or a ``(threshold, provenance)`` pair) -> error.
 
-    Provenance: ``{"source": "explicit"}``; ``{"source": "config", "path": ...}`` with the
-    calibration record stored in the config, if any, nested as ``"stored_provenance"``;
-    a calibration's own record (``"source": "calibration"``) passed through.
+    Provenance, in pyimgano's vocabulary (``docs/calibration.md``):
+    ``{"source": "explicit", "method": "fixed", "value": t}``;
+    ``{"source": "infer_config", "method": "fixed", "value": t, "path": ...}`` with the
+    record stored in the config, if any, nested as ``"stored_provenance"``; a calibration's
+    own record (``"source": "train_dir"``) passed through. A ``(threshold, provenance)``
+    pair in the older vocabulary is converted (:func:`~torchdefects.config.upgrade_provenance`).
+
+    Args:
+        strategy: pyimgano's ``pixel_threshold_strategy`` when neither ``explicit`` nor the
+            config has a threshold: ``"fixed"`` and ``"infer_config"`` then raise (they need
+            one), ``"normal_pixel_quantile"`` (or ``None``) uses ``calibration``.
 
     Raises:
         ValueError: no source has a threshold; the message gives the three ways to give one.
+
+    Example:
+        >>> resolve_pixel_threshold(0.5)
+        (0.5, {'source': 'explicit', 'method': 'fixed', 'value': 0.5})
     """
+    from torchdefects.config import upgrade_provenance
+
+    if strategy is not None and strategy not in ("fixed", "infer_config", "normal_pixel_quantile"):
+        raise ValueError(
+            "strategy must be one of 'fixed', 'infer_config', 'normal_pixel_quantile' or None, "
+            f"got {strategy!r}"
+        )
     if explicit is not None:
         check_finite("pixel_threshold", explicit)
-        return float(explicit), {"source": "explicit"}
+        t = float(explicit)
+        return t, {"source": "explicit", "method": "fixed", "value": t}
     if config is None and config_path is not None:
         config = config_path
     if config is not None:
@@ -392,14 +465,31 @@ def resolve_pixel_threshold(
             config_path = config
         cfg = config if isinstance(config, DefectsConfig) else load_config(config)
         if cfg.pixel_threshold is not None:
-            prov: Dict[str, Any] = {"source": "config", "path": config_path}
+            t = float(cfg.pixel_threshold)
+            prov: Dict[str, Any] = {
+                "source": "infer_config",
+                "method": "fixed",
+                "value": t,
+                "path": config_path,
+            }
             if cfg.pixel_threshold_provenance is not None:
-                prov["stored_provenance"] = cfg.pixel_threshold_provenance
-            return float(cfg.pixel_threshold), prov
+                prov["stored_provenance"] = upgrade_provenance(cfg.pixel_threshold_provenance)
+            return t, prov
+    if strategy == "infer_config":
+        raise ValueError(
+            "pixel_threshold_strategy=infer_config requires defects.pixel_threshold in the config"
+        )
+    if strategy == "fixed":
+        raise ValueError(
+            "pixel_threshold_strategy=fixed requires a fixed threshold: provide "
+            "--pixel-threshold or defects.pixel_threshold in the config"
+        )
     if calibration is not None:
         if isinstance(calibration, PixelThresholdCalibrator):
             return calibration.compute()
         threshold, prov = calibration
         check_finite("pixel_threshold", threshold)
-        return float(threshold), dict(prov)
+        upgraded = upgrade_provenance(dict(prov))
+        assert upgraded is not None
+        return float(threshold), upgraded
     raise ValueError("torchdefects " + PIXEL_THRESHOLD_REQUIRED)

@@ -185,7 +185,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         base_path = args.output
     category = getattr(args, "category", None)
     try:
-        raw = read_config_dict(base_path) if base_path is not None else {"schema_version": 1}
+        raw = read_config_dict(base_path) if base_path is not None else {}
         configs = validate_config_dict(raw, base_path)
     except ConfigError as e:
         raise UsageError(str(e)) from e
@@ -263,7 +263,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     where = f"per_category.{category}.defects" if category else "defects"
     _print(
         f"calibrate: pixel_threshold = {threshold!r} (q={provenance['q']}, "
-        f"{provenance['calibration_map_count']} maps, {provenance['roi_pixel_count']} ROI pixels)"
+        f"{provenance['calibration_map_count']} maps, "
+        f"{provenance['calibration_pixel_count']} ROI pixels)"
         f" -> {args.output} [{where}]",
         quiet,
     )
