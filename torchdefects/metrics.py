@@ -294,6 +294,8 @@ class DefectMetrics:
         bins: ``None`` for the exact curve; an int ``m`` in 1..22 rounds values down to
             ``m`` mantissa bits (bounded memory, see the module docstring).
         iou_match: the IoU a region and a defect need for the ``_iou50`` variants.
+        threshold_free: keep the pixel curve (AUROC, AUPRO, best F1); ``False`` keeps only
+            the counts at the configured settings (what a threshold sweep needs).
 
     Shape:
         - anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)`, float.
@@ -316,6 +318,7 @@ class DefectMetrics:
         fpr_limit: float = 0.3,
         bins: Optional[int] = None,
         iou_match: float = 0.5,
+        threshold_free: bool = True,
     ) -> None:
         head: Optional[DefectHead] = None
         if isinstance(config, DefectHead):
@@ -341,6 +344,7 @@ class DefectMetrics:
         self.fpr_limit = float(fpr_limit)
         self.bins = bins
         self.iou_match = float(iou_match)
+        self.threshold_free = bool(threshold_free)
         self.roi = None if config is None else config.roi_xyxy_norm
         self.reset()
 
@@ -434,7 +438,8 @@ class DefectMetrics:
 
         # Defects of the ground truth (8-connectivity, as the MVTec AD evaluation code).
         gt_labels, gt_counts = connected_components(gt_roi, 8)
-        self._add_curve(x, gt_eval, valid, gt_labels, gt_counts)
+        if self.threshold_free:
+            self._add_curve(x, gt_eval, valid, gt_labels, gt_counts)
 
         if self.head is not None:
             if defects is None:
@@ -519,6 +524,12 @@ class DefectMetrics:
 
     # -- compute --------------------------------------------------------------
 
+    def image_scores(self) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scores, labels)`` of every image seen, in update order (float64, bool)."""
+        if not self._scores:
+            return np.zeros(0), np.zeros(0, dtype=bool)
+        return torch.cat(self._scores).cpu().numpy(), torch.cat(self._labels).cpu().numpy()
+
     def curve(self) -> PixelCurve:
         """The pixel curve over every distinct value (bucket edge in binned mode), on the host."""
         self._merge()
@@ -541,7 +552,10 @@ class DefectMetrics:
             np.add.at(weight, j, pc / ps.astype(np.float64))
         pro = np.cumsum(weight) / self._defects if self._defects else np.full(keys.size, np.nan)
         return PixelCurve(
-            keys_to_float(keys, bool(self._double)), np.cumsum(pos), np.cumsum(neg), pro,
+            keys_to_float(keys, bool(self._double)),
+            np.cumsum(pos),
+            np.cumsum(neg),
+            pro,
             self._defects,
         )
 
@@ -559,8 +573,7 @@ class DefectMetrics:
         c = self.curve()
         auroc, auroc_bound = c.auroc()
         aupro, aupro_bound = c.aupro(self.fpr_limit)
-        labels = torch.cat(self._labels).cpu().numpy() if self._labels else np.zeros(0, bool)
-        scores = torch.cat(self._scores).cpu().numpy() if self._scores else np.zeros(0)
+        scores, labels = self.image_scores()
         out: Dict[str, Any] = {
             "mode": "exact" if self.bins is None else f"binned_{self.bins}_mantissa_bits",
             "images": self._images,
@@ -627,7 +640,6 @@ def _roi_max(x: Tensor, valid: Tensor) -> Tensor:
 
     Stands in for the head's image score when no head is configured.
     """
-    batch = x.shape[0]
     low = torch.full_like(x, float("-inf"))
     m = torch.where(valid, x, low).flatten(1).amax(1).to(torch.float64)
     none = ~valid.flatten(1).any(1)
