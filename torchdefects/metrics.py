@@ -112,6 +112,51 @@ def _bucket(keys: Tensor, shift: int, double: bool) -> Tensor:
     return torch.clamp(edge, min=lowest)
 
 
+def _unique_counts(cols: List[Tensor], counts: Optional[Tensor]) -> Tuple[List[Tensor], Tensor]:
+    """Sorted unique rows of int64 columns (the first most significant) and their counts.
+
+    ``counts`` (int64, one per row) are summed per unique row; ``None`` counts each row once.
+    CPU tensors go through NumPy (a stable sort of already sorted runs is a merge, and
+    torch's CPU sort is slower); other devices use ``torch.unique``. Integer sums are exact,
+    so the result is the same whatever the order of the rows.
+    """
+    device = cols[0].device
+    n = cols[0].numel()
+    if device.type == "cpu":
+        c = [t.numpy() for t in cols]
+        order = None
+        if counts is None and len(c) == 1:
+            c = [np.sort(c[0])]  # no payload to carry: a plain (SIMD) sort
+        else:
+            # Stable: runs that are already sorted (the state, the batch summaries) merge.
+            order = np.argsort(c[0], kind="stable") if len(c) == 1 else np.lexsort(c[::-1])
+            c = [a[order] for a in c]
+        if n == 0:
+            return [torch.from_numpy(a) for a in c], torch.zeros(0, dtype=torch.int64)
+        change = np.zeros(n, dtype=bool)
+        change[0] = True
+        for a in c:
+            change[1:] |= a[1:] != a[:-1]
+        starts = np.flatnonzero(change)
+        if counts is None:
+            summed = np.diff(np.append(starts, n)).astype(np.int64)
+        else:
+            assert order is not None
+            summed = np.add.reduceat(counts.numpy()[order], starts).astype(np.int64)
+        return [torch.from_numpy(np.ascontiguousarray(a[starts])) for a in c], torch.from_numpy(
+            summed
+        )
+    if len(cols) == 1:
+        u, inv = torch.unique(cols[0], return_inverse=True)
+        rows = [u]
+    else:
+        u, inv = torch.unique(torch.stack(cols, 1), dim=0, return_inverse=True)
+        rows = [u[:, j].contiguous() for j in range(len(cols))]
+    ones = torch.ones(n, dtype=torch.int64, device=device) if counts is None else counts
+    summed = torch.zeros(rows[0].numel(), dtype=torch.int64, device=device).index_add_(0, inv, ones)
+    return rows, summed
+
+
 # ----------------------------------------------------------------------------
 # Curves
 # ----------------------------------------------------------------------------
@@ -352,10 +397,12 @@ class DefectMetrics:
         """Forget every update."""
         self._device: Optional[torch.device] = None
         self._double: Optional[bool] = None
-        self._neg: Tuple[Tensor, Tensor] = (torch.zeros(0, dtype=torch.int64),) * 2
-        self._pos: Tuple[Tensor, Tensor, Tensor] = (torch.zeros(0, dtype=torch.int64),) * 3
-        self._pending_neg: List[Tuple[Tensor, Tensor]] = []
-        self._pending_pos: List[Tuple[Tensor, Tensor, Tensor]] = []
+        # (sorted unique key columns, counts); no columns until the first merge.
+        empty: Tuple[List[Tensor], Tensor] = ([], torch.zeros(0, dtype=torch.int64))
+        self._neg = empty
+        self._pos = empty
+        self._pending_neg: List[Tuple[List[Tensor], Tensor]] = []
+        self._pending_pos: List[Tuple[List[Tensor], Tensor]] = []
         self._pending_size = 0
         self._defects = 0
         self._pixel = torch.zeros(4, dtype=torch.int64)  # tp, fp, fn, tn
@@ -452,8 +499,8 @@ class DefectMetrics:
         self._images += batch
 
     def _move_state(self, device: torch.device) -> None:
-        self._neg = tuple(t.to(device) for t in self._neg)  # type: ignore[assignment]
-        self._pos = tuple(t.to(device) for t in self._pos)  # type: ignore[assignment]
+        self._neg = ([], self._neg[1].to(device))
+        self._pos = ([], self._pos[1].to(device))
         self._pixel = self._pixel.to(device)
         self._region = self._region.to(device)
 
@@ -467,37 +514,48 @@ class DefectMetrics:
     def _add_curve(
         self, x: Tensor, gt_eval: Tensor, valid: Tensor, gt_labels: Tensor, gt_counts: Tensor
     ) -> None:
-        neg_vals = x[valid & ~gt_eval]
-        nk, nc = torch.unique(self._keys(neg_vals), return_counts=True)
+        nk, nc = _unique_counts([self._keys(x[valid & ~gt_eval])], None)
         # Defect size = its evaluated pixels (NaN and outside-ROI pixels are not evaluated).
         batch = x.shape[0]
         offsets = torch.cumsum(gt_counts, 0) - gt_counts
-        gid = (gt_labels.to(torch.int64) + offsets.view(batch, 1, 1, 1))[gt_eval]
+        gid = (gt_labels.to(torch.int64) + offsets.view(batch, 1, 1, 1))[gt_eval] - 1
         total = int(gt_counts.sum())
-        size = torch.bincount(gid - 1, minlength=total) if total > 0 else gid
+        size = torch.bincount(gid, minlength=total) if total > 0 else gid
         self._defects += int((size > 0).sum()) if total > 0 else 0
-        pos_vals = x[gt_eval]
-        pair = torch.stack([self._keys(pos_vals), size[gid - 1] if total > 0 else gid], 1)
-        pu, pc = torch.unique(pair, dim=0, return_counts=True)
+        pk, pc = _unique_counts(self._pos_cols(self._keys(x[gt_eval]), size[gid]), None)
         self._pending_neg.append((nk, nc))
-        self._pending_pos.append((pu[:, 0].contiguous(), pu[:, 1].contiguous(), pc))
-        self._pending_size += nk.numel() + pc.numel()
-        if self._pending_size >= max(_MIN_MERGE, self._neg[0].numel() + self._pos[0].numel()):
+        self._pending_pos.append((pk, pc))
+        self._pending_size += nk[0].numel() + pc.numel()
+        if self._pending_size >= max(_MIN_MERGE, self._neg[1].numel() + self._pos[1].numel()):
             self._merge()
+
+    def _pos_cols(self, keys: Tensor, sizes: Tensor) -> List[Tensor]:
+        """Positive pixels as sortable columns: (value key, defect size).
+
+        float32 keys fit 32 bits, so both go into one int64 (key * 2^32 + size), which
+        sorts as the pair; float64 keys need two columns.
+        """
+        if self._double:
+            return [keys, sizes]
+        return [keys * (1 << 32) + sizes]
+
+    def _split_pos(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols, counts = self._pos
+        c = [t.cpu().numpy() for t in cols]
+        if self._double:
+            return c[0], c[1], counts.cpu().numpy()
+        return c[0] >> 32, c[0] & 0xFFFFFFFF, counts.cpu().numpy()
 
     def _merge(self) -> None:
         if not self._pending_neg:
             return
-        keys = torch.cat([self._neg[0]] + [k for k, _ in self._pending_neg])
-        cnts = torch.cat([self._neg[1]] + [c for _, c in self._pending_neg])
-        uk, inv = torch.unique(keys, return_inverse=True)
-        self._neg = (uk, torch.zeros_like(uk).index_add_(0, inv, cnts))
-        pk = torch.cat([self._pos[0]] + [k for k, _, _ in self._pending_pos])
-        ps = torch.cat([self._pos[1]] + [s for _, s, _ in self._pending_pos])
-        pc = torch.cat([self._pos[2]] + [c for _, _, c in self._pending_pos])
-        up, inv = torch.unique(torch.stack([pk, ps], 1), dim=0, return_inverse=True)
-        counts = torch.zeros(up.shape[0], dtype=torch.int64, device=pk.device)
-        self._pos = (up[:, 0].contiguous(), up[:, 1].contiguous(), counts.index_add_(0, inv, pc))
+        for name, pending in (("_neg", self._pending_neg), ("_pos", self._pending_pos)):
+            cols, counts = getattr(self, name)
+            parts = [(cols, counts)] + pending
+            width = max(len(c) for c, _ in parts)
+            parts = [(c, n) for c, n in parts if len(c) == width]  # the empty start state
+            merged = [torch.cat([c[j] for c, _ in parts]) for j in range(width)]
+            setattr(self, name, _unique_counts(merged, torch.cat([n for _, n in parts])))
         self._pending_neg, self._pending_pos, self._pending_size = [], [], 0
 
     def _add_thresholded(
@@ -533,23 +591,33 @@ class DefectMetrics:
     def curve(self) -> PixelCurve:
         """The pixel curve over every distinct value (bucket edge in binned mode), on the host."""
         self._merge()
-        nk = self._neg[0].cpu().numpy()
+        nk = self._neg[0][0].cpu().numpy() if self._neg[0] else np.zeros(0, np.int64)
         nc = self._neg[1].cpu().numpy()
-        pk = self._pos[0].cpu().numpy()
-        ps = self._pos[1].cpu().numpy()
-        pc = self._pos[2].cpu().numpy()
-        keys = np.union1d(nk, pk)[::-1]  # decreasing
-        neg = np.zeros(keys.size, dtype=np.int64)
-        pos = np.zeros(keys.size, dtype=np.int64)
-        weight = np.zeros(keys.size, dtype=np.float64)
-        asc = keys[::-1]
-        if nk.size:
-            neg[keys.size - 1 - np.searchsorted(asc, nk)] = nc
-        if pk.size:
-            j = keys.size - 1 - np.searchsorted(asc, pk)
-            # pk is sorted ascending, so j is non-increasing; reduce in that fixed order.
-            np.add.at(pos, j, pc)
-            np.add.at(weight, j, pc / ps.astype(np.float64))
+        if self._pos[0]:
+            pk, ps, pc = self._split_pos()
+        else:
+            pk = ps = pc = np.zeros(0, np.int64)
+        # Both are sorted: a stable sort of the two runs is a linear merge, and the per-key
+        # sums run in a fixed order (negatives, then positives by defect size): the same
+        # bits whatever the batching.
+        all_k = np.concatenate([nk, pk])
+        order = np.argsort(all_k, kind="stable")
+        all_k = all_k[order]
+        if all_k.size:
+            starts = np.flatnonzero(np.concatenate([[True], all_k[1:] != all_k[:-1]]))
+        else:
+            starts = np.zeros(0, np.int64)
+
+        def per_key(values: np.ndarray) -> np.ndarray:
+            if not starts.size:
+                return values[:0]
+            return np.add.reduceat(values[order], starts)[::-1]
+
+        zeros_n, zeros_p = np.zeros(nk.size, np.int64), np.zeros(pk.size, np.int64)
+        keys = all_k[starts][::-1]  # decreasing
+        neg = per_key(np.concatenate([nc, zeros_p]))
+        pos = per_key(np.concatenate([zeros_n, pc]))
+        weight = per_key(np.concatenate([zeros_n.astype(np.float64), pc / ps.astype(np.float64)]))
         pro = np.cumsum(weight) / self._defects if self._defects else np.full(keys.size, np.nan)
         return PixelCurve(
             keys_to_float(keys, bool(self._double)),
