@@ -434,3 +434,22 @@ def test_device(device):
             torch.from_numpy(gts[i : i + 2]).to(device),
         )
     assert m.compute() == cpu
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    for mod in (metrics_mod, __import__("torchdefects.supervised", fromlist=["x"])):
+        result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, mod.__name__
+
+
+def test_docs_python_block_runs():
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), {})
