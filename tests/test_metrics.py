@@ -453,3 +453,79 @@ def test_docs_python_block_runs():
     assert blocks
     for block in blocks:
         exec(compile(block, str(doc), "exec"), {})
+
+
+def _spiral(n):
+    """A one-pixel-wide square spiral path from the centre (one component, arms 1 apart)."""
+    g = np.zeros((n, n), bool)
+    y = x = n // 2
+    g[y, x] = True
+    step, k = 2, 0
+    while True:
+        for _ in range(2):
+            dy, dx = ((0, 1), (1, 0), (0, -1), (-1, 0))[k % 4]
+            for _ in range(step):
+                y, x = y + dy, x + dx
+                if not (0 <= y < n and 0 <= x < n):
+                    return g
+                g[y, x] = True
+            k += 1
+        step += 2
+
+
+@pytest.mark.parametrize("shape", ["checker", "spiral", "row", "column", "border"])
+def test_structured_ground_truth(shape):
+    rng = np.random.default_rng(60)
+    if shape == "checker":
+        g = (np.indices((17, 15)).sum(0) % 2 == 0)[None]  # one 8-connected defect
+    elif shape == "spiral":
+        g = _spiral(21)[None]
+    elif shape == "row":
+        g = rng.random((1, 1, 40)) < 0.3
+    elif shape == "column":
+        g = rng.random((1, 40, 1)) < 0.3
+    else:
+        g = np.zeros((1, 12, 12), bool)
+        g[0, 0, :] = g[0, :, -1] = True
+        g[0, 5:8, 0] = True
+    g = np.concatenate([g, np.zeros_like(g)])
+    maps = (rng.random(g.shape) + 0.6 * g).astype(np.float32)
+    config = DefectsConfig(pixel_threshold=0.9)
+    r = _run(maps, g, config)
+    assert r["pixel_auroc"] == pytest.approx(roc_auc_score(g.ravel(), maps.ravel()), abs=1e-12)
+    assert r["pixel_aupro"] == pytest.approx(pro_oracle(maps, g), abs=1e-12)
+    pred = DefectHead(config)(torch.from_numpy(maps)).labels[:, 0].numpy()
+    defects, found, *_ = region_oracle(pred, g, [False, True])
+    assert (r["region"]["defects"], r["region"]["found"]) == (defects, found)
+    if shape in ("checker", "spiral"):
+        assert defects == 1
+
+
+def test_region_metrics_with_roi():
+    maps, gts = _data(61, b=4, h=30, w=30)
+    roi = [0.2, 0.0, 0.7, 0.8]
+    config = DefectsConfig(pixel_threshold=0.8, roi_xyxy_norm=roi)
+    r = _run(maps, gts, config)
+    inside = _valid(np.zeros_like(maps), roi)
+    pred = DefectHead(config)(torch.from_numpy(maps)).labels[:, 0].numpy()
+    normal = ~gts.reshape(4, -1).any(1)  # image labels use the whole ground truth
+    defects, found, *_, false_normal = region_oracle(pred, gts & inside, normal)
+    assert (r["region"]["defects"], r["region"]["found"]) == (defects, found)
+    assert r["region"]["false_alarms_in_normal_images"] == false_normal
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_maps_equal_their_float32_upcast(dtype):
+    maps, gts = _data(62)
+    low = torch.from_numpy(maps).to(dtype)
+    config = DefectsConfig(pixel_threshold=0.75)
+    a = DefectMetrics(config)
+    a.update(low, torch.from_numpy(gts))
+    b = DefectMetrics(config)
+    b.update(low.float(), torch.from_numpy(gts))
+    assert a.compute() == b.compute()
+
+
+def test_empty_spatial_size_is_an_error():
+    with pytest.raises(ValueError, match="anomaly_map must have H > 0 and W > 0"):
+        DefectMetrics().update(torch.zeros(1, 1, 0, 4), torch.zeros(1, 1, 0, 4, dtype=torch.bool))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from torchdefects import io as _files
+from torchdefects._check import check_device
 from torchdefects.config import DefectsConfig, load_config
 from torchdefects.metrics import DefectMetrics
 from torchdefects.supervised import (
@@ -233,7 +234,7 @@ def evaluate_dir(
     if isinstance(sweep, bool) or not isinstance(sweep, int) or sweep < 0:
         raise ValueError(f"sweep must be an int >= 0, got {sweep!r}")
     cfg = _load(config, category)
-    dev = torch.device(device)
+    dev = check_device(str(device))
     pairs, unused = pair_ground_truth(maps, gt_masks)
     metrics = DefectMetrics(cfg, fpr_limit=fpr_limit, bins=bins)
     t0 = time.perf_counter()
@@ -334,7 +335,7 @@ def calibrate_supervised(
     roi = roi_xyxy_norm if roi_xyxy_norm is not None else cfg.roi_xyxy_norm
     metrics = DefectMetrics(DefectsConfig(roi_xyxy_norm=roi))
     pairs, _ = pair_ground_truth(maps, gt_masks)
-    dev = torch.device(device)
+    dev = check_device(str(device))
     for m, g, _ in _batches(pairs, batch_size):
         metrics.update(torch.from_numpy(m).to(dev), torch.from_numpy(g).to(dev))
     thr, prov = segf1_threshold(metrics)
@@ -598,7 +599,7 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("output and execution")
     g.add_argument("-o", "--out", required=True, metavar="OUT", help="folder for metrics.json")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    g.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     g.add_argument("--batch-size", type=int, default=16, help="maps per batch (default 16)")
     g.add_argument("--quiet", action="store_true", help="print nothing")
     p.set_defaults(func=_cmd_evaluate)

@@ -448,6 +448,8 @@ class DefectMetrics:
                 f"gt_mask must be on the device of anomaly_map ({x.device}), got {gt.device}"
             )
         batch, h, w = x.shape[0], x.shape[2], x.shape[3]
+        if h == 0 or w == 0:
+            raise ValueError(f"anomaly_map must have H > 0 and W > 0, got {list(x.shape)}")
         double = x.dtype == torch.float64
         if self._device is None:
             self._device, self._double = x.device, double
