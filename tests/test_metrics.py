@@ -529,3 +529,24 @@ def test_half_maps_equal_their_float32_upcast(dtype):
 def test_empty_spatial_size_is_an_error():
     with pytest.raises(ValueError, match="anomaly_map must have H > 0 and W > 0"):
         DefectMetrics().update(torch.zeros(1, 1, 0, 4), torch.zeros(1, 1, 0, 4, dtype=torch.bool))
+
+
+def test_property_against_oracles():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None)
+    @given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 9), st.integers(1, 9))
+    def check(seed, b, h, w):
+        rng = np.random.default_rng(seed)
+        maps = rng.integers(0, 4, (b, h, w)).astype(np.float32)  # heavy ties
+        gts = rng.random((b, h, w)) < rng.random()
+        r = _run(maps, gts, DefectsConfig(pixel_threshold=2.0), batch=1 + seed % 2)
+        y = gts.ravel()
+        if y.all() or not y.any():
+            assert r["pixel_auroc"] is None
+        else:
+            assert r["pixel_auroc"] == pytest.approx(roc_auc_score(y, maps.ravel()), abs=1e-12)
+            assert r["pixel_aupro"] == pytest.approx(pro_oracle(maps, gts), abs=1e-12)
+
+    check()
