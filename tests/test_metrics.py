@@ -380,6 +380,9 @@ def test_binned_within_reported_bound(bits):
     assert err <= binned["pixel_auroc_error_bound"] + 1e-12
     err = abs(binned["pixel_aupro"] - exact["pixel_aupro"])
     assert err <= binned["pixel_aupro_error_bound"] + 1e-12
+    for limit in (0.01, 0.02, 0.07):  # a bucket straddles a small limit
+        e, bnd = _run(maps, gts, fpr_limit=limit), _run(maps, gts, bins=bits, fpr_limit=limit)
+        assert abs(bnd["pixel_aupro"] - e["pixel_aupro"]) <= bnd["pixel_aupro_error_bound"] + 1e-12
     # every bucket edge keeps exact counts
     m = DefectMetrics(bins=bits)
     m.update(torch.from_numpy(maps), torch.from_numpy(gts))
@@ -550,3 +553,11 @@ def test_property_against_oracles():
             assert r["pixel_aupro"] == pytest.approx(pro_oracle(maps, gts), abs=1e-12)
 
     check()
+
+
+def test_maps_that_require_grad():
+    maps, gts = _data(63)
+    x = torch.from_numpy(maps).requires_grad_(True)
+    m = DefectMetrics(DefectsConfig(pixel_threshold=0.7))
+    m.update(x * 1.0, torch.from_numpy(gts))
+    assert m.compute() == _run(maps, gts, DefectsConfig(pixel_threshold=0.7))

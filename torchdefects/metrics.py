@@ -46,7 +46,8 @@ needs no range: at most ``2**(9 + m)`` buckets for float32), so every threshold 
 bucket edge keeps its exact counts; the areas are then trapezoids through a subset of the
 exact curve's points and their error is reported: ``pixel_auroc_error_bound`` =
 0.5 * sum over buckets of pos_b * neg_b / (P * N), and ``pixel_aupro_error_bound`` =
-0.5 * sum over buckets below the FPR limit of fpr_b * pro_b / fpr_limit (0 in exact mode).
+(0.5 * sum over the buckets below the FPR limit of fpr_b * pro_b, plus fpr_b * pro_b of the
+bucket that straddles the limit) / fpr_limit (0 in exact mode).
 """
 
 import math
@@ -251,8 +252,13 @@ class PixelCurve:
         pro = np.concatenate([[0.0], np.minimum(self.pro, 1.0)])
         area = trapezoid_to(fpr, pro, fpr_limit) / fpr_limit
         dfpr, dpro = np.diff(fpr), np.diff(pro)
-        below = fpr[:-1] < fpr_limit
-        bound = float(0.5 * np.sum(dfpr[below] * dpro[below]) / fpr_limit)
+        # Inside a bucket the exact curve is a monotone path across the bucket's rectangle:
+        # the chord is within half the rectangle of it over the whole bucket, and within the
+        # whole rectangle over the part before the cut of the bucket that straddles the limit.
+        rect = dfpr * dpro
+        inside = fpr[1:] <= fpr_limit
+        straddle = (fpr[:-1] < fpr_limit) & (fpr[1:] > fpr_limit)
+        bound = float((0.5 * np.sum(rect[inside]) + np.sum(rect[straddle])) / fpr_limit)
         return area, bound
 
 
@@ -437,7 +443,7 @@ class DefectMetrics:
         """
         _check_float_map(anomaly_map, "anomaly_map")
         _check_bool_mask(gt_mask, "gt_mask")
-        x = _as_b1hw(anomaly_map, "anomaly_map")
+        x = _as_b1hw(anomaly_map, "anomaly_map").detach()
         gt = _as_b1hw(gt_mask, "gt_mask")
         if gt.shape != x.shape:
             raise ValueError(
