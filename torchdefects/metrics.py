@@ -125,6 +125,7 @@ def _unique_counts(cols: List[Tensor], counts: Optional[Tensor]) -> Tuple[List[T
     n = cols[0].numel()
     if device.type == "cpu":
         c = [t.numpy() for t in cols]
+        cols.clear()  # the caller's list: its arrays are freed once sorted copies exist
         order = None
         if counts is None and len(c) == 1:
             c = [np.sort(c[0])]  # no payload to carry: a plain (SIMD) sort
@@ -143,7 +144,9 @@ def _unique_counts(cols: List[Tensor], counts: Optional[Tensor]) -> Tuple[List[T
             summed = np.diff(np.append(starts, n)).astype(np.int64)
         else:
             assert order is not None
-            summed = np.add.reduceat(counts.numpy()[order], starts).astype(np.int64)
+            weights = counts.numpy()[order]
+            del counts, order
+            summed = np.add.reduceat(weights, starts).astype(np.int64)
         return [torch.from_numpy(np.ascontiguousarray(a[starts])) for a in c], torch.from_numpy(
             summed
         )
@@ -557,14 +560,19 @@ class DefectMetrics:
     def _merge(self) -> None:
         if not self._pending_neg:
             return
-        for name, pending in (("_neg", self._pending_neg), ("_pos", self._pending_pos)):
-            cols, counts = getattr(self, name)
-            parts = [(cols, counts)] + pending
+        pending_of = {"_neg": self._pending_neg, "_pos": self._pending_pos}
+        self._pending_neg, self._pending_pos, self._pending_size = [], [], 0
+        for name, pending in pending_of.items():
+            parts = [getattr(self, name)] + pending
+            pending.clear()
+            # Drop every other reference first, so the inputs die as soon as they are sorted.
+            setattr(self, name, ([], torch.zeros(0, dtype=torch.int64, device=parts[0][1].device)))
             width = max(len(c) for c, _ in parts)
             parts = [(c, n) for c, n in parts if len(c) == width]  # the empty start state
             merged = [torch.cat([c[j] for c, _ in parts]) for j in range(width)]
-            setattr(self, name, _unique_counts(merged, torch.cat([n for _, n in parts])))
-        self._pending_neg, self._pending_pos, self._pending_size = [], [], 0
+            counts = torch.cat([n for _, n in parts])
+            del parts
+            setattr(self, name, _unique_counts(merged, counts))
 
     def _add_thresholded(
         self,
