@@ -5,18 +5,26 @@ __version__ = "0.1.0"
 from torchdefects.calibration import PixelThresholdCalibrator, resolve_pixel_threshold
 from torchdefects.components import connected_components
 from torchdefects.config import ConfigError, DefectsConfig, load_config, save_config
+from torchdefects.evaluate import evaluate_dir
 from torchdefects.export import attach, load_scripted, save_scripted
 from torchdefects.extract import extract_defects
 from torchdefects.head import DefectHead, Defects
+from torchdefects.metrics import DefectMetrics
 from torchdefects.morphology import closing, dilation, erosion, fill_holes, opening
 from torchdefects.overlay import render_overlay
 from torchdefects.regions import Regions, region_stats, select_regions
 from torchdefects.roi import roi_mask, roi_stats
+from torchdefects.supervised import (
+    image_threshold_f1,
+    image_threshold_normal_quantile,
+    segf1_threshold,
+)
 from torchdefects.threshold import binarize
 
 __all__ = [
     "ConfigError",
     "DefectHead",
+    "DefectMetrics",
     "Defects",
     "DefectsConfig",
     "PixelThresholdCalibrator",
@@ -28,8 +36,11 @@ __all__ = [
     "connected_components",
     "dilation",
     "erosion",
+    "evaluate_dir",
     "extract_defects",
     "fill_holes",
+    "image_threshold_f1",
+    "image_threshold_normal_quantile",
     "load_config",
     "load_scripted",
     "opening",
@@ -40,5 +51,6 @@ __all__ = [
     "roi_stats",
     "save_config",
     "save_scripted",
+    "segf1_threshold",
     "select_regions",
 ]
