@@ -91,6 +91,7 @@ def region_keep(
             ``min_solidity`` is set.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 1, 0, 0], [0, 0, 0, 1]]])
         >>> labels, counts = connected_components(mask)
         >>> region_keep(region_stats(labels, counts), min_area=2)
@@ -141,6 +142,7 @@ def quantile_keep(regions: Regions, keep: Tensor, num_images: int, q: float) -> 
         bool :math:`(R,)`, ``keep`` with the regions below the quantile removed.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 0, 1, 0, 1]]])
         >>> labels, counts = connected_components(mask)
         >>> regs = region_stats(labels, counts, torch.tensor([[[0.1, 0, 0.5, 0, 0.9]]]))
@@ -241,6 +243,7 @@ def merge_nearby(
         :class:`MergedRegions`.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 0, 1, 0, 0, 0, 1]]])
         >>> labels, counts = connected_components(mask)
         >>> regs = region_stats(labels, counts)
@@ -382,6 +385,7 @@ def finalize_regions(
         per-region tensor: shape statistics, solidity, severity, ``merged_into``).
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 0, 1, 1, 0, 1]]])
         >>> labels, counts = connected_components(mask)
         >>> regs = region_stats(labels, counts)

@@ -70,6 +70,7 @@ def region_units(
         map_to_image: ``(sx, sy)``, both ``> 0``.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 1, 0], [1, 1, 0]]])
         >>> labels, counts = connected_components(mask)
         >>> region_units(region_stats(labels, counts), 0.1, (2.0, 2.0)).area_mm2
@@ -167,6 +168,7 @@ def severity_features(
     Missing inputs are NaN columns (a rule testing them never matches).
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 1, 0, 1]]])
         >>> labels, counts = connected_components(mask)
         >>> severity_features(region_stats(labels, counts))[:, 0]

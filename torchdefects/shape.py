@@ -59,6 +59,7 @@ def shape_stats(regions: Regions) -> ShapeStats:
         :class:`ShapeStats`, one row per region.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 1, 1, 0], [1, 0, 0, 0]]])
         >>> labels, counts = connected_components(mask)
         >>> s = shape_stats(region_stats(labels, counts))
@@ -135,10 +136,11 @@ def solidity(labels: Tensor, regions: Regions, chunk: int = 64) -> Tensor:
         float64 :math:`(R,)` on the regions' device.
 
     Example:
+        >>> from torchdefects import connected_components, region_stats
         >>> mask = torch.tensor([[[1, 1, 1], [1, 0, 0], [1, 0, 0]]])
         >>> labels, counts = connected_components(mask)
         >>> solidity(labels, region_stats(labels, counts))
-        tensor([0.], dtype=torch.float64)
+        tensor([0.2500], dtype=torch.float64)
         >>> mask = torch.tensor([[[1, 1, 1], [1, 1, 0], [1, 0, 0]]])
         >>> labels, counts = connected_components(mask)
         >>> solidity(labels, region_stats(labels, counts))
