@@ -258,3 +258,25 @@ def test_merge_then_finalize_batch_equals_per_image():
         sel = out.batch_index == b
         for x, y in zip(o1[1:], out[1:]):
             assert torch.equal(x, y[sel])
+
+
+def test_merge_scripted_equals_eager():
+    _, amap, labels, counts, regions = setup(6, p=0.12)
+    keep = regions.area >= 1
+    scripted = torch.jit.script(merge_nearby)
+    a = scripted(labels, regions, keep, 3, 2, torch.from_numpy(amap))
+    b = merge_nearby(labels, regions, keep, 3, 2, torch.from_numpy(amap))
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.keep, b.keep)
+    assert torch.equal(a.merged_into, b.merged_into)
+    for x, y in zip(a.regions, b.regions):
+        assert torch.equal(x, y)
+
+
+def test_merge_cap():
+    from tests._shapes import checkerboard
+
+    m = torch.from_numpy(checkerboard(96, 96))[None]
+    labels, counts = connected_components(m, 4)
+    regions = region_stats(labels, counts)
+    with pytest.raises(ValueError, match="at most 4096 kept regions per image, got 4608"):
+        merge_nearby(labels, regions, regions.area > 0, 1, 1)

@@ -160,7 +160,8 @@ def _reflect101_index(n: int, before: int, after: int, device: torch.device) -> 
     i = torch.arange(-before, n + after, device=device)
     if n == 1:
         return torch.zeros_like(i)
-    period = 2 * (n - 1)
+    # The period as a tensor: ONNX export takes a tensor modulus, not a symbolic int.
+    period = torch.full_like(i, 2 * (n - 1))
     i = torch.remainder(i, period)
     return torch.where(i >= n, period - i, i)
 

@@ -157,9 +157,12 @@ def quantile_keep(regions: Regions, keep: Tensor, num_images: int, q: float) -> 
     if n == 0:
         return keep
     # Kept regions of an image first, by score ascending; dropped ones after them.
-    order = torch.sort(score, stable=True).indices
-    group = (regions.batch_index * 2 + (~keep).to(torch.int64)).index_select(0, order)
-    order = order.index_select(0, torch.sort(group, stable=True).indices)
+    # Equal scores are interchangeable here, so no stable sort (which ONNX lacks): rank by
+    # score, then sort on the unique key (group, rank).
+    by_score = torch.sort(score).indices
+    rank = torch.empty_like(by_score).index_copy_(0, by_score, torch.arange(n, device=device))
+    group = regions.batch_index * 2 + (~keep).to(torch.int64)
+    order = torch.sort(group * n + rank).indices
     sorted_score = score.index_select(0, order).to(torch.float64)
     kept_per_image = torch.zeros(num_images, dtype=torch.int64, device=device)
     kept_per_image.index_add_(0, regions.batch_index, keep.to(torch.int64))
@@ -265,10 +268,10 @@ def merge_nearby(
     k = int(per_image.max())
     if k < 2:
         return same
-    if k > MERGE_MAX_REGIONS:
+    if k > 4096:  # MERGE_MAX_REGIONS (TorchScript reads no module globals)
         raise ValueError(
             f"merge_nearby compares every pair of kept regions of an image: at most "
-            f"{MERGE_MAX_REGIONS} kept regions per image, got {k}"
+            f"4096 kept regions per image, got {k}"
         )
     kept_rows = _flat_nonzero(keep)
     kept_first = torch.cumsum(per_image, 0) - per_image
