@@ -99,7 +99,12 @@ def test_smoothing_ksize_rules():
 
 def test_noop_cases_return_map():
     m = torch.rand(2, 1, 5, 5)
-    for method, k, s in [("none", 5, 0.0), ("median", 1, 0.0), ("box", 0, 0.0), ("gaussian", 0, 0.0)]:
+    for method, k, s in [
+        ("none", 5, 0.0),
+        ("median", 1, 0.0),
+        ("box", 0, 0.0),
+        ("gaussian", 0, 0.0),
+    ]:
         assert torch.equal(smooth_map(m, method, k, s), m)
 
 

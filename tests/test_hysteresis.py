@@ -55,7 +55,9 @@ def test_equals_skimage_at_connectivity_4():
         low, high = np.float32(np.quantile(m, [0.35, 0.9]) + 1e-4)
         if (m == low).any() or (m == high).any():
             continue
-        ours = hysteresis_threshold(torch.from_numpy(m)[None], torch.tensor(low), torch.tensor(high), 4)
+        ours = hysteresis_threshold(
+            torch.from_numpy(m)[None], torch.tensor(low), torch.tensor(high), 4
+        )
         assert np.array_equal(ours[0].numpy(), skf.apply_hysteresis_threshold(m, low, high))
         checked += 1
     assert checked > 40
@@ -68,7 +70,9 @@ def test_adversarial_masks():
         ys, xs = np.nonzero(mk)
         m[ys[:: max(1, len(ys) // 3)], xs[:: max(1, len(ys) // 3)]] = 1.0
         for conn in (4, 8):
-            out = hysteresis_threshold(torch.from_numpy(m)[None], torch.tensor(0.4), torch.tensor(0.9), conn)
+            out = hysteresis_threshold(
+                torch.from_numpy(m)[None], torch.tensor(0.4), torch.tensor(0.9), conn
+            )
             assert np.array_equal(out[0].numpy(), oracle(m, 0.4, 0.9, conn)), name
 
 
@@ -93,14 +97,20 @@ def test_nan_roi_script_batch():
 
 
 def test_empty_and_errors():
-    assert hysteresis_threshold(torch.rand(0, 1, 4, 4), torch.tensor(0.1), torch.tensor(0.5)).shape == (0, 1, 4, 4)
-    assert not hysteresis_threshold(torch.rand(2, 1, 0, 4), torch.tensor(0.1), torch.tensor(0.5)).any()
+    assert hysteresis_threshold(
+        torch.rand(0, 1, 4, 4), torch.tensor(0.1), torch.tensor(0.5)
+    ).shape == (0, 1, 4, 4)
+    assert not hysteresis_threshold(
+        torch.rand(2, 1, 0, 4), torch.tensor(0.1), torch.tensor(0.5)
+    ).any()
     with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
         hysteresis_threshold(torch.rand(1, 4, 4), torch.tensor(0.1), torch.tensor(0.5), 6)
     with pytest.raises(ValueError, match="low must be a scalar or have shape"):
         hysteresis_threshold(torch.rand(2, 4, 4), torch.rand(3), torch.tensor(0.5))
     with pytest.raises(TypeError, match="anomaly_map must be float"):
-        hysteresis_threshold(torch.ones(1, 4, 4, dtype=torch.bool), torch.tensor(0.1), torch.tensor(0.5))
+        hysteresis_threshold(
+            torch.ones(1, 4, 4, dtype=torch.bool), torch.tensor(0.1), torch.tensor(0.5)
+        )
 
 
 def test_bounds_follow_pyimgano():

@@ -18,7 +18,9 @@ from torchdefects.shape import solidity
 def setup(seed, b=3, h=24, w=31, conn=8, p=None):
     rng = np.random.default_rng(seed)
     if p is None:
-        m = np.stack([smooth_blobs(rng, h, w, 0.25) | (rng.random((h, w)) < 0.05) for _ in range(b)])
+        m = np.stack(
+            [smooth_blobs(rng, h, w, 0.25) | (rng.random((h, w)) < 0.05) for _ in range(b)]
+        )
     else:
         m = rng.random((b, h, w)) < p
     amap = rng.random((b, h, w)).astype(np.float32)
@@ -65,25 +67,37 @@ FILTERS = [
 
 @pytest.mark.parametrize("kw", FILTERS)
 def test_region_keep_matches_pyimgano(kw, device):
-    m, amap, labels, counts, regions = setup(1)
+    _m, amap, labels, _counts, regions = setup(1)
     sol = solidity(labels, regions) if "min_solidity" in kw else None
     regions = Regions(*[t.to(device) for t in regions])
     keep = region_keep(regions, solidity=sol, **kw).cpu()
     lab = labels.numpy()
-    args = [kw.get(k) for k in ("min_score_max", "min_score_mean", "min_fill_ratio", "max_aspect_ratio", "min_solidity")]
+    args = [
+        kw.get(k)
+        for k in (
+            "min_score_max",
+            "min_score_mean",
+            "min_fill_ratio",
+            "max_aspect_ratio",
+            "min_solidity",
+        )
+    ]
     for i in range(keep.shape[0]):
-        b, l = int(regions.batch_index[i]), int(regions.label[i])
-        comp = lab[b] == l
+        b, lbl = int(regions.batch_index[i]), int(regions.label[i])
+        comp = lab[b] == lbl
         # regions' scores are float32 of a float64 mean: compare the mean the same way
         exp = pyimgano_component_keep(comp, amap[b], kw.get("min_area", 0), *args)
         assert bool(keep[i]) == exp, (i, kw)
 
 
 def test_region_keep_script_and_errors():
-    _, _, labels, counts, regions = setup(2)
+    _, _, labels, _counts, regions = setup(2)
     scripted = torch.jit.script(region_keep)
     sol = solidity(labels, regions)
-    assert torch.equal(scripted(regions, 2, 0.5, 0.3, 0.2, 4.0, 0.5, sol), region_keep(regions, 2, 0.5, 0.3, 0.2, 4.0, 0.5, sol))
+    assert torch.equal(
+        scripted(regions, 2, 0.5, 0.3, 0.2, 4.0, 0.5, sol),
+        region_keep(regions, 2, 0.5, 0.3, 0.2, 4.0, 0.5, sol),
+    )
     with pytest.raises(ValueError, match="solidity must be given"):
         region_keep(regions, min_solidity=0.5)
     with pytest.raises(ValueError, match="solidity must have shape"):
@@ -92,7 +106,7 @@ def test_region_keep_script_and_errors():
 
 def test_finalize_default_equals_select_regions():
     for seed in range(5):
-        _, _, labels, counts, regions = setup(seed, p=0.3)
+        _, _, labels, _counts, regions = setup(seed, p=0.3)
         keep = regions.area >= 2
         for mr in (None, 1, 4):
             a = finalize_regions(labels, regions, keep, 3, "score_max", mr)
@@ -105,7 +119,7 @@ def test_finalize_default_equals_select_regions():
 
 @pytest.mark.parametrize("sort_by", ["score_max", "score_mean", "area"])
 def test_finalize_sort_orders(sort_by, device):
-    _, _, labels, counts, regions = setup(7, p=0.35)
+    _, _, labels, _counts, regions = setup(7, p=0.35)
     keep = regions.area >= 1
     labels_d = labels.to(device)
     regions_d = Regions(*[t.to(device) for t in regions])
@@ -130,7 +144,7 @@ def test_finalize_sort_orders(sort_by, device):
 def test_finalize_empty_errors_script():
     labels, counts = connected_components(torch.zeros(2, 4, 4, dtype=torch.bool))
     regions = region_stats(labels, counts)
-    lab, out, num, idx = finalize_regions(labels, regions, regions.area > 0, 2, "area", 3)
+    lab, out, num, _idx = finalize_regions(labels, regions, regions.area > 0, 2, "area", 3)
     assert lab.shape == labels.shape and out.area.shape == (0,) and num.tolist() == [0, 0]
     with pytest.raises(ValueError, match="sort_by must be one of"):
         finalize_regions(labels, regions, regions.area > 0, 2, "size")
@@ -139,7 +153,10 @@ def test_finalize_empty_errors_script():
     _, _, labels, counts, regions = setup(3)
     keep = regions.area >= 2
     scripted = torch.jit.script(finalize_regions)
-    a, b = scripted(labels, regions, keep, 3, "score_mean", 2), finalize_regions(labels, regions, keep, 3, "score_mean", 2)
+    a, b = (
+        scripted(labels, regions, keep, 3, "score_mean", 2),
+        finalize_regions(labels, regions, keep, 3, "score_mean", 2),
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[3], b[3])
 
 
@@ -150,7 +167,15 @@ def test_quantile_matches_numpy():
         bi = torch.from_numpy(np.sort(rng.integers(0, b, r)))
         score = torch.from_numpy(rng.choice(rng.random(6).astype(np.float32), r))
         z = torch.ones(r, dtype=torch.int64)
-        regions = Regions(bi, z, z, torch.zeros(r, 4, dtype=torch.int64), torch.zeros(r, 2, dtype=torch.float64), score, score)
+        regions = Regions(
+            bi,
+            z,
+            z,
+            torch.zeros(r, 4, dtype=torch.int64),
+            torch.zeros(r, 2, dtype=torch.float64),
+            score,
+            score,
+        )
         keep = torch.from_numpy(rng.random(r) < 0.8)
         q = float(rng.choice([0.0, 1.0, 0.5, 0.25, rng.random()]))
         out = quantile_keep(regions, keep, b, q)
@@ -164,7 +189,9 @@ def test_quantile_matches_numpy():
                     assert bool(out[i]) == (bool(keep[i]) and float(score[i]) >= thr)
     with pytest.raises(ValueError, match="q must be in"):
         quantile_keep(regions, keep, b, 1.5)
-    assert torch.equal(torch.jit.script(quantile_keep)(regions, keep, b, 0.3), quantile_keep(regions, keep, b, 0.3))
+    assert torch.equal(
+        torch.jit.script(quantile_keep)(regions, keep, b, 0.3), quantile_keep(regions, keep, b, 0.3)
+    )
 
 
 def oracle_groups(boxes, gap):
@@ -202,15 +229,23 @@ def oracle_groups(boxes, gap):
 @pytest.mark.parametrize("conn", [4, 8])
 def test_merge_matches_pyimgano_rule_and_union_stats(gap, conn, device):
     for seed in range(6):
-        m, amap, labels, counts, regions = setup(seed, conn=conn, p=0.12)
+        _m, amap, labels, _counts, regions = setup(seed, conn=conn, p=0.12)
         keep = regions.area >= 2
         out = merge_nearby(
-            labels.to(device), Regions(*[t.to(device) for t in regions]), keep.to(device), 3, gap,
+            labels.to(device),
+            Regions(*[t.to(device) for t in regions]),
+            keep.to(device),
+            3,
+            gap,
             torch.from_numpy(amap).to(device),
         )
         lab, mlab = labels.numpy(), out.labels.cpu().numpy()
         for b in range(3):
-            rows = [i for i in range(keep.shape[0]) if int(regions.batch_index[i]) == b and bool(keep[i])]
+            rows = [
+                i
+                for i in range(keep.shape[0])
+                if int(regions.batch_index[i]) == b and bool(keep[i])
+            ]
             boxes = [regions.bbox_xyxy[i].tolist() for i in rows]
             groups = oracle_groups(boxes, gap) if gap > 0 else {i: [i] for i in range(len(rows))}
             assert int(out.keep[regions.batch_index == b].sum()) == len(groups)
@@ -224,17 +259,24 @@ def test_merge_matches_pyimgano_rule_and_union_stats(gap, conn, device):
                 assert (mlab[b][pix] == min(ids)).all()
                 ys, xs = np.nonzero(pix)
                 assert int(out.regions.area[row]) == pix.sum()
-                assert out.regions.bbox_xyxy[row].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+                assert out.regions.bbox_xyxy[row].tolist() == [
+                    xs.min(),
+                    ys.min(),
+                    xs.max(),
+                    ys.max(),
+                ]
                 c = out.regions.centroid_xy[row].cpu().numpy()
                 np.testing.assert_allclose(c, [xs.mean(), ys.mean()], rtol=1e-15)
                 assert float(out.regions.score_max[row]) == amap[b][pix].max()
-                assert float(out.regions.score_mean[row]) == np.float32(amap[b][pix].astype(np.float64).mean())
+                assert float(out.regions.score_mean[row]) == np.float32(
+                    amap[b][pix].astype(np.float64).mean()
+                )
         # Pixels of the mask never change; dropped regions keep their labels.
         assert np.array_equal(mlab != 0, lab != 0)
 
 
 def test_merge_no_merge_cases_and_empty():
-    _, amap, labels, counts, regions = setup(1, p=0.1)
+    _, amap, labels, _counts, regions = setup(1, p=0.1)
     keep = regions.area >= 1
     same = merge_nearby(labels, regions, keep, 3, 0, torch.from_numpy(amap))
     assert same.labels is labels and torch.equal(same.keep, keep)
@@ -245,15 +287,15 @@ def test_merge_no_merge_cases_and_empty():
 
 
 def test_merge_then_finalize_batch_equals_per_image():
-    m, amap, labels, counts, regions = setup(4, p=0.1)
+    m, amap, labels, _counts, regions = setup(4, p=0.1)
     keep = regions.area >= 1
     mr = merge_nearby(labels, regions, keep, 3, 2, torch.from_numpy(amap))
-    lab, out, num, idx = finalize_regions(mr.labels, mr.regions, mr.keep, 3, "area", 4)
+    lab, out, _num, _idx = finalize_regions(mr.labels, mr.regions, mr.keep, 3, "area", 4)
     for b in range(3):
         lb, cb = connected_components(torch.from_numpy(m[b : b + 1]), 8)
         rb = region_stats(lb, cb, torch.from_numpy(amap[b : b + 1]))
         mb = merge_nearby(lb, rb, rb.area >= 1, 1, 2, torch.from_numpy(amap[b : b + 1]))
-        l1, o1, n1, _ = finalize_regions(mb.labels, mb.regions, mb.keep, 1, "area", 4)
+        l1, o1, _n1, _ = finalize_regions(mb.labels, mb.regions, mb.keep, 1, "area", 4)
         assert torch.equal(l1[0], lab[b])
         sel = out.batch_index == b
         for x, y in zip(o1[1:], out[1:]):
@@ -261,7 +303,7 @@ def test_merge_then_finalize_batch_equals_per_image():
 
 
 def test_merge_scripted_equals_eager():
-    _, amap, labels, counts, regions = setup(6, p=0.12)
+    _, amap, labels, _counts, regions = setup(6, p=0.12)
     keep = regions.area >= 1
     scripted = torch.jit.script(merge_nearby)
     a = scripted(labels, regions, keep, 3, 2, torch.from_numpy(amap))

@@ -34,10 +34,16 @@ def test_units_by_hand():
     for i in range(regions.area.shape[0]):
         x1, y1, x2, y2 = regions.bbox_xyxy[i].tolist()
         assert float(u.area_mm2[i]) == pytest.approx(int(regions.area[i]) * mx * my, rel=1e-15)
-        np.testing.assert_allclose(u.bbox_xyxy_mm[i].numpy(), [x1 * mx, y1 * my, (x2 + 1) * mx, (y2 + 1) * my], rtol=1e-15)
+        np.testing.assert_allclose(
+            u.bbox_xyxy_mm[i].numpy(), [x1 * mx, y1 * my, (x2 + 1) * mx, (y2 + 1) * my], rtol=1e-15
+        )
         cx, cy = regions.centroid_xy[i].tolist()
-        np.testing.assert_allclose(u.centroid_xy_mm[i].numpy(), [(cx + 0.5) * mx, (cy + 0.5) * my], rtol=1e-15)
-        assert float(u.length_mm[i]) == pytest.approx(max((x2 - x1 + 1) * mx, (y2 - y1 + 1) * my), rel=1e-15)
+        np.testing.assert_allclose(
+            u.centroid_xy_mm[i].numpy(), [(cx + 0.5) * mx, (cy + 0.5) * my], rtol=1e-15
+        )
+        assert float(u.length_mm[i]) == pytest.approx(
+            max((x2 - x1 + 1) * mx, (y2 - y1 + 1) * my), rel=1e-15
+        )
     with pytest.raises(ValueError, match="pixel_size_mm must be a finite number > 0"):
         region_units(regions, 0.0)
     with pytest.raises(ValueError, match=r"map_to_image\[1\] must be a finite number > 0"):
@@ -61,7 +67,9 @@ def test_classes_against_python_rules(device):
     u = region_units(regions, 0.2)
     feats = severity_features(regions, u.area_mm2, u.length_mm, shape_stats(regions).aspect_ratio)
     rules = parse_severity_rules(RULES)
-    rc, ic = severity_classes(feats.to(device), rules.thresholds, rules.active, regions.batch_index.to(device), 5)
+    rc, ic = severity_classes(
+        feats.to(device), rules.thresholds, rules.active, regions.batch_index.to(device), 5
+    )
     exp = oracle_classes(feats.tolist(), RULES)
     assert rc.cpu().tolist() == exp
     for b in range(5):

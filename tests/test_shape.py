@@ -10,22 +10,23 @@ from torchdefects.shape import shape_stats, solidity
 
 def cv2_solidity(component: np.ndarray) -> float:
     """pyimgano's rule: external contour (SIMPLE), its hull, contourArea of both; NaN for 0."""
-    contours, _ = cv2.findContours(component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        component.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     contour = max(contours, key=cv2.contourArea)
     hull_area = cv2.contourArea(cv2.convexHull(contour))
     return cv2.contourArea(contour) / hull_area if hull_area > 0 else float("nan")
 
 
 def cv2_shape(component: np.ndarray):
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(component.astype(np.uint8), connectivity=8)
+    stats = cv2.connectedComponentsWithStats(component.astype(np.uint8), connectivity=8)[2]
     w, h, a = stats[1, cv2.CC_STAT_WIDTH], stats[1, cv2.CC_STAT_HEIGHT], stats[1, cv2.CC_STAT_AREA]
     return w * h, a / (w * h), max(w / h, h / w)
 
 
 def masks():
     rng = np.random.default_rng(3)
-    for name, m in adversarial_masks():
-        yield name, m
+    yield from adversarial_masks()
     for i in range(40):
         h, w = rng.integers(1, 30, 2)
         yield f"random{i}", rng.random((h, w)) < rng.random()
@@ -76,13 +77,19 @@ def test_chunks_batch_subset():
     labels, counts = connected_components(m, 8)
     regions = region_stats(labels, counts)
     full = solidity(labels, regions)
-    torch.testing.assert_close(solidity(labels, regions, chunk=1), full, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(solidity(labels.unsqueeze(1), regions, chunk=3), full, equal_nan=True)
+    torch.testing.assert_close(
+        solidity(labels, regions, chunk=1), full, equal_nan=True, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        solidity(labels.unsqueeze(1), regions, chunk=3), full, equal_nan=True
+    )
     # Per image equals batched.
     for b in range(3):
         lb, cb = connected_components(m[b : b + 1], 8)
         per = solidity(lb, region_stats(lb, cb))
-        torch.testing.assert_close(per, full[regions.batch_index == b], equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(
+            per, full[regions.batch_index == b], equal_nan=True, rtol=0, atol=0
+        )
 
 
 def test_empty_script_errors():

@@ -53,16 +53,28 @@ def _map(b, h, w, seed=0):
 
 CASES = {
     "border_ignore": (lambda x: border_ignore(x, 3), lambda s: (_map(2, 33, 40, s),), (MAP,)),
-    "gaussian": (lambda x: smooth_map(x, "gaussian", 5, 0.0), lambda s: (_map(2, 33, 40, s),), (MAP,)),
+    "gaussian": (
+        lambda x: smooth_map(x, "gaussian", 5, 0.0),
+        lambda s: (_map(2, 33, 40, s),),
+        (MAP,),
+    ),
     "box": (lambda x: smooth_map(x, "box", 4, 0.0), lambda s: (_map(2, 33, 40, s),), (MAP,)),
     "median": (lambda x: smooth_map(x, "median", 3, 0.0), lambda s: (_map(2, 33, 40, s),), (MAP,)),
-    "dilate_ellipse": (lambda x: dilate_ellipse(x, 5), lambda s: (_map(2, 33, 40, s) > 0.95,), (MAP,)),
+    "dilate_ellipse": (
+        lambda x: dilate_ellipse(x, 5),
+        lambda s: (_map(2, 33, 40, s) > 0.95,),
+        (MAP,),
+    ),
     "normalize_map": (
         normalize_map,
         lambda s: (_map(2, 33, 40, s), torch.tensor([0.5, 0.4]), torch.zeros(2), torch.ones(2)),
         (MAP, {0: B}, {0: B}, {0: B}),
     ),
-    "shape_stats": (lambda *r: tuple(shape_stats(Regions(*r))), lambda s: _regions(8, s), ({0: R},) * 7),
+    "shape_stats": (
+        lambda *r: tuple(shape_stats(Regions(*r))),
+        lambda s: _regions(8, s),
+        ({0: R},) * 7,
+    ),
     "region_keep": (
         lambda *r: region_keep(Regions(*r), 2, 0.3, 0.2, 0.3, 3.0),
         lambda s: _regions(8, s),
@@ -75,7 +87,10 @@ CASES = {
     ),
     "severity_classes": (
         lambda f, bi: severity_classes(f, RULES.thresholds, RULES.active, bi, 2),
-        lambda s: (torch.rand(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) * 5, _regions(8)[0]),
+        lambda s: (
+            torch.rand(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) * 5,
+            _regions(8)[0],
+        ),
         ({0: R}, {0: R}),
     ),
 }

@@ -102,7 +102,9 @@ def smoothing_ksize(method: str, ksize: int, sigma: float = 0.0) -> int:
         (13, 5)
     """
     if method != "none" and method != "gaussian" and method != "median" and method != "box":
-        raise ValueError(f"method must be one of 'none', 'gaussian', 'median', 'box', got '{method}'")
+        raise ValueError(
+            f"method must be one of 'none', 'gaussian', 'median', 'box', got '{method}'"
+        )
     if not math.isfinite(sigma):
         raise ValueError(f"sigma must be a finite number, got {sigma}")
     if method == "none":

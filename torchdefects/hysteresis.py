@@ -26,8 +26,9 @@ def hysteresis_bounds(
         high: the config's ``hysteresis_high`` or ``None``.
 
     Example:
-        >>> hysteresis_bounds(torch.tensor([0.8, 0.6]))
-        (tensor([0.4000, 0.3000], dtype=torch.float64), tensor([0.8000, 0.6000], dtype=torch.float64))
+        >>> low, high = hysteresis_bounds(torch.tensor([0.8, 0.6]))
+        >>> low.float(), high.float()
+        (tensor([0.4000, 0.3000]), tensor([0.8000, 0.6000]))
     """
     thr = pixel_threshold.to(torch.float64)
     hi = thr if high is None else torch.full_like(thr, high)

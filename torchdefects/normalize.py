@@ -11,7 +11,7 @@ __all__ = ["normalize_map", "sensitivity_threshold"]
 
 
 def normalize_map(anomaly_map: Tensor, threshold: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    r"""``clamp((map - threshold) / (hi - lo) + 0.5, 0, 1)``: anomalib's ``PostProcessor._normalize``.
+    r"""``clamp((map - threshold) / (hi - lo) + 0.5, 0, 1)``, anomalib's ``_normalize``.
 
     The threshold lands on 0.5, ``threshold +- (hi - lo) / 2`` on 0 and 1. ``lo`` and ``hi`` are
     the min and max of the normal maps (the calibrator can keep them); as in anomalib, a NaN

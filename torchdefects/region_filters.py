@@ -251,8 +251,10 @@ def merge_nearby(
         >>> labels, counts = connected_components(mask)
         >>> regs = region_stats(labels, counts)
         >>> out = merge_nearby(labels, regs, torch.ones(3, dtype=torch.bool), 1, 1)
-        >>> out.labels, out.keep, out.regions.area
-        (tensor([[[1, 0, 1, 0, 0, 0, 3]]], dtype=torch.int32), tensor([ True, False,  True]), tensor([2, 1, 1]))
+        >>> out.labels
+        tensor([[[1, 0, 1, 0, 0, 0, 3]]], dtype=torch.int32)
+        >>> out.keep, out.regions.area
+        (tensor([ True, False,  True]), tensor([2, 1, 1]))
     """
     lab = _as_bhw(labels, "labels")
     device = keep.device
@@ -397,7 +399,9 @@ def finalize_regions(
         (tensor([[[0, 0, 2, 2, 0, 0]]], dtype=torch.int32), tensor([2]), tensor([1]))
     """
     if sort_by != "score_max" and sort_by != "score_mean" and sort_by != "area":
-        raise ValueError(f"sort_by must be one of 'score_max', 'score_mean', 'area', got '{sort_by}'")
+        raise ValueError(
+            f"sort_by must be one of 'score_max', 'score_mean', 'area', got '{sort_by}'"
+        )
     if max_regions is not None and max_regions < 1:
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = keep.device

@@ -77,7 +77,11 @@ def region_units(
         tensor([0.1600], dtype=torch.float64)
     """
     sx, sy = float(map_to_image[0]), float(map_to_image[1])
-    for name, v in (("pixel_size_mm", pixel_size_mm), ("map_to_image[0]", sx), ("map_to_image[1]", sy)):
+    for name, v in (
+        ("pixel_size_mm", pixel_size_mm),
+        ("map_to_image[0]", sx),
+        ("map_to_image[1]", sy),
+    ):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v}")
     mx = pixel_size_mm * sx
@@ -147,7 +151,11 @@ def parse_severity_rules(rules: Sequence[Any], has_units: bool = True) -> Severi
                     f"{where} has unknown condition {key!r}; expected one of "
                     + ", ".join(SEVERITY_KEYS)
                 )
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
                 raise ValueError(f"{where}.{key} must be a finite number, got {value!r}")
             if key in _NEEDS_UNITS and not has_units:
                 raise ValueError(f"{where}.{key} needs pixel_size_mm to be set")
@@ -212,11 +220,15 @@ def severity_classes(
     n_rules = thresholds.shape[0]
     r = features.shape[0]
     dev = features.device
-    holds = (features.unsqueeze(1) >= thresholds.to(dev).unsqueeze(0)) | ~active.to(dev).unsqueeze(0)
+    holds = (features.unsqueeze(1) >= thresholds.to(dev).unsqueeze(0)) | ~active.to(dev).unsqueeze(
+        0
+    )
     match = holds.all(2)  # (R, N)
     rank = torch.arange(n_rules, device=dev).expand(r, n_rules)
-    first = torch.where(match, rank, n_rules).amin(1) if n_rules > 0 else torch.zeros(
-        r, dtype=torch.int64, device=dev
+    first = (
+        torch.where(match, rank, n_rules).amin(1)
+        if n_rules > 0
+        else torch.zeros(r, dtype=torch.int64, device=dev)
     )
     region_class = torch.where(first >= n_rules, -1, first)
     image = torch.full((num_images,), n_rules, dtype=torch.int64, device=dev)

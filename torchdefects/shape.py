@@ -150,7 +150,7 @@ def solidity(labels: Tensor, regions: Regions, chunk: int = 64) -> Tensor:
         raise ValueError(f"chunk must be an integer >= 1, got {chunk}")
     lab = _as_bhw(labels, "labels")
     device = lab.device
-    b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
+    h, w = lab.shape[1], lab.shape[2]
     num = regions.area.shape[0]
     out = torch.full((num,), float("nan"), dtype=torch.float64)
     flat = lab.reshape(-1)
@@ -167,7 +167,9 @@ def solidity(labels: Tensor, regions: Regions, chunk: int = 64) -> Tensor:
         valid = (ys >= box[:, 1].view(-1, 1, 1)) & (ys <= box[:, 3].view(-1, 1, 1))
         valid = valid & (xs >= box[:, 0].view(-1, 1, 1)) & (xs <= box[:, 2].view(-1, 1, 1))
         pos = (bi.view(-1, 1, 1) * h + ys.clamp(0, h - 1)) * w + xs.clamp(0, w - 1)
-        crop = valid & (flat.index_select(0, pos.reshape(-1)).view(pos.shape) == want.view(-1, 1, 1))
+        crop = valid & (
+            flat.index_select(0, pos.reshape(-1)).view(pos.shape) == want.view(-1, 1, 1)
+        )
         filled = fill_holes(crop).to(torch.int32)
         blocks = filled[:, :-1, :-1] + filled[:, 1:, :-1] + filled[:, :-1, 1:] + filled[:, 1:, 1:]
         twice_contour = (2 * (blocks == 4).sum((1, 2)) + (blocks == 3).sum((1, 2))).cpu()
