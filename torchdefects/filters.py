@@ -172,27 +172,127 @@ def _replicate_index(n: int, before: int, after: int, device: torch.device) -> T
     return torch.arange(-before, n + after, device=device).clamp(0, n - 1)
 
 
-def _separable(x: Tensor, weights: Tensor, before: int, dim: int) -> Tensor:
-    """``sum_i weights[i] * x shifted by i - before`` along ``dim``, reflect-101 borders."""
+def _rows_then_cols(x: Tensor, weights: Tensor, before: int, ones: bool = False) -> Tensor:
+    """The separable filter: along W (rows of the image) first, as OpenCV, then along H.
+
+    Both passes run along dim 2 on contiguous tensors (a gather along the last dim is
+    slow on CPU), so W is brought to dim 2 by one transposed copy and back by another.
+    """
+    xt = x.transpose(2, 3).contiguous()
+    y = _separable(xt, weights, before, 2, ones).transpose(2, 3).contiguous()
+    return _separable(y, weights, before, 2, ones)
+
+
+def _separable(x: Tensor, weights: Tensor, before: int, dim: int, ones: bool = False) -> Tensor:
+    """``sum_i weights[i] * x shifted by i - before`` along ``dim``, reflect-101 borders.
+
+    ``ones``: all weights are 1 (box sums), so no multiplications.
+    """
     k = weights.shape[0]
     n = x.shape[dim]
     idx = _reflect101_index(n, before, k - 1 - before, x.device)
     padded = x.index_select(dim, idx)
+    if ones:
+        acc = padded.narrow(dim, 0, n)
+        for i in range(1, k):
+            acc = acc + padded.narrow(dim, i, n)
+        return acc
     acc = padded.narrow(dim, 0, n) * weights[0]
     for i in range(1, k):
         acc = acc + padded.narrow(dim, i, n) * weights[i]
     return acc
 
 
+def _median_ops(n: int) -> List[Tuple[int, int, int]]:
+    """The comparators of a median-of-``n`` selection network, as ``(kind, a, b)``.
+
+    Batcher's odd-even merge sort on the next power of two (the extra slots stand for +inf,
+    so comparators that touch them are no-ops or swaps), pruned backwards to what the middle
+    output needs. ``kind``: 0 writes ``min`` to ``a`` only, 1 writes ``max`` to ``b`` only,
+    2 both, 3 swaps the two slots.
+    """
+    m = 1
+    while m < n:
+        m *= 2
+    net: List[Tuple[int, int]] = []
+    p = 1
+    while p < m:
+        k = p
+        while k >= 1:
+            j = k % p
+            while j <= m - 1 - k:
+                for i in range(min(k - 1, m - j - k - 1) + 1):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        net.append((i + j, i + j + k))
+                j += 2 * k
+            k = k // 2
+        p *= 2
+    inf = [s >= n for s in range(m)]
+    ops: List[Tuple[int, int, int]] = []
+    for a, b in net:
+        if inf[b]:
+            continue
+        if inf[a]:
+            ops.append((3, a, b))
+            inf[a] = False
+            inf[b] = True
+        else:
+            ops.append((2, a, b))
+    need = [False] * m
+    need[n // 2] = True
+    kept: List[Tuple[int, int, int]] = []
+    for idx in range(len(ops) - 1, -1, -1):
+        kind, a, b = ops[idx]
+        na, nb = need[a], need[b]
+        if not (na or nb):
+            continue
+        if kind == 3:
+            kept.append((3, a, b))
+            need[a], need[b] = nb, na
+        else:
+            kept.append((2 if (na and nb) else (0 if na else 1), a, b))
+            need[a] = True
+            need[b] = True
+    kept.reverse()
+    return kept
+
+
 def _median(x: Tensor, ksize: int) -> Tensor:
+    """Median of each ``k x k`` window by a selection network of elementwise min/max.
+
+    Exact (a network only moves values), deterministic, and fast: no sort of small windows.
+    """
     r = ksize // 2
     h, w = x.shape[2], x.shape[3]
     rows = _replicate_index(h, r, r, x.device)
     cols = _replicate_index(w, r, r, x.device)
-    padded = x.index_select(2, rows).index_select(3, cols)
-    windows = padded.unfold(2, ksize, 1).unfold(3, ksize, 1)  # (B, 1, H, W, k, k)
-    flat = windows.reshape(x.shape[0], 1, h, w, ksize * ksize)
-    return flat.sort(dim=-1).values.select(-1, (ksize * ksize) // 2)
+    # Gather columns as rows of the transposed map: a gather along the last dim is slow.
+    padded = x.index_select(2, rows).transpose(2, 3).contiguous().index_select(2, cols)
+    padded = padded.transpose(2, 3)
+    n = ksize * ksize
+    slots: List[Tensor] = []
+    for i in range(ksize):
+        band = padded.narrow(2, i, h)
+        for j in range(ksize):
+            slots.append(band.narrow(3, j, w))
+    m = 1
+    while m < n:
+        m *= 2
+    for _ in range(m - n):
+        slots.append(slots[0])  # +inf placeholders: the network never reads them
+    for kind, a, b in _median_ops(n):
+        va, vb = slots[a], slots[b]
+        if kind == 3:
+            slots[a] = vb
+            slots[b] = va
+        elif kind == 0:
+            slots[a] = torch.minimum(va, vb)
+        elif kind == 1:
+            slots[b] = torch.maximum(va, vb)
+        else:
+            slots[a] = torch.minimum(va, vb)
+            slots[b] = torch.maximum(va, vb)
+    return slots[n // 2].contiguous()
 
 
 def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 0.0) -> Tensor:
@@ -236,10 +336,10 @@ def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 
         return x.view(anomaly_map.shape)
     if method == "gaussian":
         wts = gaussian_kernel1d(k, float(sigma)).to(x.device)
-        out = _separable(_separable(x, wts, k // 2, 3), wts, k // 2, 2)
+        out = _rows_then_cols(x, wts, k // 2)
     elif method == "box":
         ones = torch.ones(k, dtype=torch.float64, device=x.device)
-        y = _separable(_separable(x.to(torch.float64), ones, k // 2, 3), ones, k // 2, 2)
+        y = _rows_then_cols(x.to(torch.float64), ones, k // 2, True)
         out = (y * (1.0 / (k * k))).to(dtype)
     else:
         out = _median(x, k)
