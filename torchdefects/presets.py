@@ -67,9 +67,9 @@ PRESETS: Dict[str, Tuple[str, Dict[str, Any]]] = {
         "Blob-like defects only (spots, dents, holes): thin, sparse or ragged regions are "
         "dropped by fill ratio, aspect ratio and solidity.",
         {
-            "min_fill_ratio": 0.3,
-            "max_aspect_ratio": 4.0,
-            "min_solidity": 0.7,
+            "min_fill_ratio": 0.5,
+            "max_aspect_ratio": 3.0,
+            "min_solidity": 0.85,
             "min_area": 4,
         },
     ),
