@@ -31,19 +31,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench import machine, median_ms, set_threads, smooth_maps, table, write_json  # noqa: E402
+from _bench import machine, median_ms, set_threads, smooth_maps, table, write_json
 
-from torchdefects import connected_components, region_stats  # noqa: E402
-from torchdefects.ellipse import dilate_ellipse  # noqa: E402
-from torchdefects.filters import smooth_map  # noqa: E402
-from torchdefects.hysteresis import hysteresis_threshold  # noqa: E402
-from torchdefects.region_filters import (  # noqa: E402
+from torchdefects import connected_components, region_stats
+from torchdefects.ellipse import dilate_ellipse
+from torchdefects.filters import smooth_map
+from torchdefects.hysteresis import hysteresis_threshold
+from torchdefects.region_filters import (
     finalize_regions,
     merge_nearby,
     quantile_keep,
     region_keep,
 )
-from torchdefects.shape import shape_stats, solidity  # noqa: E402
+from torchdefects.shape import shape_stats, solidity
 
 
 def _cv_loop(maps: np.ndarray, fn) -> None:
@@ -75,7 +75,9 @@ def _cv_solidity(mask: np.ndarray) -> List[float]:
 
 def _py_select(mask: np.ndarray, m: np.ndarray, gap: int) -> list:
     """pyimgano's region list path: stats, filters, merge (pairwise union-find), quantile, sort."""
-    n, labels, stats, cent = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    n, labels, stats, _cent = cv2.connectedComponentsWithStats(
+        mask.astype(np.uint8), connectivity=8
+    )
     regs = []
     for i in range(1, n):
         x, y, w, h, a = stats[i]
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
         print(row, flush=True)
 
     sm = torch.jit.script(smooth_map)
+    dilate_scripted = torch.jit.script(dilate_ellipse)
+    hyst_scripted = torch.jit.script(hysteresis_threshold)
     for method, k, cv in [
         ("gaussian", 5, lambda m: cv2.GaussianBlur(m, (5, 5), 0)),
         ("median", 3, lambda m: cv2.medianBlur(m, 3)),
@@ -167,13 +171,13 @@ def main(argv=None) -> int:
         "dilate ellipse 5",
         lambda: dilate_ellipse(mask, 5),
         lambda: _cv_loop(np_u8, lambda m: cv2.dilate(m, se)),
-        lambda s=torch.jit.script(dilate_ellipse): s(mask, 5),
+        lambda: dilate_scripted(mask, 5),
     )
     add(
         "hysteresis",
         lambda: hysteresis_threshold(maps, lo_t, hi_t, 8),
         lambda: _cv_loop(np_maps, lambda m: _cv_hysteresis(m, thr * 0.9, thr)),
-        lambda s=torch.jit.script(hysteresis_threshold): s(maps, lo_t, hi_t, 8, None),
+        lambda: hyst_scripted(maps, lo_t, hi_t, 8, None),
     )
     labels, counts = connected_components(mask, 8)
     regions = region_stats(labels, counts, maps)

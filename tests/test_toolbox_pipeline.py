@@ -20,8 +20,6 @@ sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 )
 
-import functools
-import operator
 
 from render_presets import toolbox_pipeline
 
