@@ -149,7 +149,7 @@ def pyimgano_extract(amap, thr, kw):
                     score_max=max(r["score_max"] for r in grp),
                     score_mean=round(sum(r["score_mean"] * r["area"] for r in grp) / area, 6),
                     members=sorted(
-                        functools.reduce(operator.iadd, (r["members"] for r in grp), [])
+                    members=sorted(i for r in grp for i in r["members"]),
                     ),
                 )
             )
