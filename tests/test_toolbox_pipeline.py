@@ -148,9 +148,7 @@ def pyimgano_extract(amap, thr, kw):
                     area=area,
                     score_max=max(r["score_max"] for r in grp),
                     score_mean=round(sum(r["score_mean"] * r["area"] for r in grp) / area, 6),
-                    members=sorted(
                     members=sorted(i for r in grp for i in r["members"]),
-                    ),
                 )
             )
         regions = merged
