@@ -181,3 +181,13 @@ def test_border_ignore_value_and_script():
     out = border_ignore(m, 2, float("-inf"))
     assert out.shape == m.shape and torch.isinf(out[:, :2]).all()
     assert torch.equal(torch.jit.script(border_ignore)(m, 2, 0.0), border_ignore(m, 2))
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_median_with_ties_matches_opencv(k):
+    # Few distinct values: many ties, where a wrong selection network would show.
+    rng = np.random.default_rng(11 + k)
+    for h, w in SHAPES:
+        m = rng.integers(0, 3, (h, w)).astype(np.float32)
+        ours = smooth_map(torch.from_numpy(m)[None, None], "median", k)[0, 0].numpy()
+        np.testing.assert_array_equal(ours, cv2.medianBlur(m, k))

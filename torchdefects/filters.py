@@ -257,6 +257,31 @@ def _median_ops(n: int) -> List[Tuple[int, int, int]]:
     return kept
 
 
+def _median3(padded: Tensor, h: int, w: int) -> Tensor:
+    """3x3 median of a replicate-padded map: each column of three is sorted once (shared by
+    the three windows it belongs to); the median is then ``med3(max of the lows, med3 of the
+    middles, min of the highs)``, an exact identity for 3x3 windows."""
+    a = padded.narrow(2, 0, h)
+    b = padded.narrow(2, 1, h)
+    c = padded.narrow(2, 2, h)
+    lo1 = torch.minimum(a, b)
+    hi1 = torch.maximum(a, b)
+    lo = torch.minimum(lo1, c)
+    mid = torch.maximum(lo1, torch.minimum(hi1, c))
+    hi = torch.maximum(hi1, c)
+    lo_max = torch.maximum(
+        torch.maximum(lo.narrow(3, 0, w), lo.narrow(3, 1, w)), lo.narrow(3, 2, w)
+    )
+    hi_min = torch.minimum(
+        torch.minimum(hi.narrow(3, 0, w), hi.narrow(3, 1, w)), hi.narrow(3, 2, w)
+    )
+    m0, m1, m2 = mid.narrow(3, 0, w), mid.narrow(3, 1, w), mid.narrow(3, 2, w)
+    mid_med = torch.maximum(torch.minimum(m0, m1), torch.minimum(torch.maximum(m0, m1), m2))
+    return torch.maximum(
+        torch.minimum(lo_max, mid_med), torch.minimum(torch.maximum(lo_max, mid_med), hi_min)
+    )
+
+
 def _median(x: Tensor, ksize: int) -> Tensor:
     """Median of each ``k x k`` window by a selection network of elementwise min/max.
 
@@ -269,6 +294,8 @@ def _median(x: Tensor, ksize: int) -> Tensor:
     # Gather columns as rows of the transposed map: a gather along the last dim is slow.
     padded = x.index_select(2, rows).transpose(2, 3).contiguous().index_select(2, cols)
     padded = padded.transpose(2, 3)
+    if ksize == 3:
+        return _median3(padded, h, w)
     n = ksize * ksize
     slots: List[Tensor] = []
     for i in range(ksize):
