@@ -322,3 +322,21 @@ def test_merge_cap():
     regions = region_stats(labels, counts)
     with pytest.raises(ValueError, match="at most 4096 kept regions per image, got 4608"):
         merge_nearby(labels, regions, regions.area > 0, 1, 1)
+
+
+def test_merged_from_ids_for_records():
+    from torchdefects.region_filters import merged_from_ids
+
+    _, amap, labels, _counts, regions = setup(4, p=0.1)
+    keep = regions.area >= 1
+    mr = merge_nearby(labels, regions, keep, 3, 2, torch.from_numpy(amap))
+    _, out, _, idx = finalize_regions(mr.labels, mr.regions, mr.keep, 3)
+    ids = merged_from_ids(mr.merged_into, regions.label, keep, idx)
+    assert len(ids) == idx.shape[0]
+    for row, members in zip(idx.tolist(), ids):
+        b = int(regions.batch_index[row])
+        # The members are exactly the labels whose pixels now carry this row's label.
+        now = mr.labels[b].numpy() == int(regions.label[row])
+        assert sorted(set(labels[b].numpy()[now].tolist())) == members
+        assert min(members) == int(out.label[idx.tolist().index(row)])
+    assert any(len(m) > 1 for m in ids)

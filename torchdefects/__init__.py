@@ -18,6 +18,7 @@ from torchdefects.region_filters import (
     MergedRegions,
     finalize_regions,
     merge_nearby,
+    merged_from_ids,
     quantile_keep,
     region_keep,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "load_config",
     "load_scripted",
     "merge_nearby",
+    "merged_from_ids",
     "normalize_map",
     "opening",
     "parse_severity_rules",

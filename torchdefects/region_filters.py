@@ -16,7 +16,7 @@ All of them work on the table :func:`~torchdefects.region_stats` returns (rows i
 and compacted once, at the end: the row of a pixel is ``first_row[b] + label - 1``.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ __all__ = [
     "MergedRegions",
     "finalize_regions",
     "merge_nearby",
+    "merged_from_ids",
     "quantile_keep",
     "region_keep",
 ]
@@ -345,6 +346,36 @@ def merge_nearby(
     )
     merged_labels = merged_labels.to(labels.dtype).view(labels.shape)
     return MergedRegions(merged_labels, out, is_root, merged_into, merged_count)
+
+
+def merged_from_ids(
+    merged_into: Tensor, label: Tensor, keep_before: Tensor, rows: Tensor
+) -> List[List[int]]:
+    """``merged_from_ids`` for records (host side): the member labels of each reported row.
+
+    Args:
+        merged_into: :attr:`MergedRegions.merged_into`.
+        label: int64 :math:`(R,)`, the table's labels (``regions.label``).
+        keep_before: bool :math:`(R,)`, the keep mask passed to :func:`merge_nearby`.
+        rows: int64 :math:`(K,)`, the reported rows (``index`` of :func:`finalize_regions`).
+
+    Returns:
+        For each reported row, the sorted labels of its group (``[label]`` when not merged;
+        pyimgano writes the list only for merged regions).
+
+    Example:
+        >>> merged_from_ids(torch.tensor([0, 0, 2]), torch.tensor([1, 2, 3]),
+        ...                 torch.tensor([True, True, True]), torch.tensor([2, 0]))
+        [[3], [1, 2]]
+    """
+    into = merged_into.tolist()
+    labels = label.tolist()
+    kept = keep_before.tolist()
+    groups: Dict[int, List[int]] = {}
+    for i, root in enumerate(into):
+        if kept[i]:
+            groups.setdefault(root, []).append(labels[i])
+    return [sorted(groups.get(r, [labels[r]])) for r in rows.tolist()]
 
 
 def _gap(lo: Tensor, hi: Tensor) -> Tensor:
