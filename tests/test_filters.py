@@ -191,3 +191,12 @@ def test_median_with_ties_matches_opencv(k):
         m = rng.integers(0, 3, (h, w)).astype(np.float32)
         ours = smooth_map(torch.from_numpy(m)[None, None], "median", k)[0, 0].numpy()
         np.testing.assert_array_equal(ours, cv2.medianBlur(m, k))
+
+
+def test_device_bit_identical(device):
+    # The sums are fixed sequences of elementwise ops: the same bits on every device.
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(3, 1, 37, 29, generator=g) * 7
+    for method, k, s in CASES:
+        ref = smooth_map(m, method, k, s)
+        assert torch.equal(smooth_map(m.to(device), method, k, s).cpu(), ref), (method, k, s)

@@ -124,3 +124,13 @@ def test_bounds_follow_pyimgano():
     assert torch.equal(hi, torch.full((2,), 0.9, dtype=torch.float64))
     lo, hi = hysteresis_bounds(thr, high=1.0)
     assert torch.equal(lo, torch.full((2,), 0.5, dtype=torch.float64))
+
+
+def test_device_bit_identical(device):
+    g = torch.Generator().manual_seed(4)
+    m = torch.rand(3, 1, 37, 29, generator=g)
+    lo, hi = torch.tensor([0.5, 0.6, 0.7]), torch.tensor(0.9)
+    ref = hysteresis_threshold(m, lo, hi, 8)
+    assert torch.equal(
+        hysteresis_threshold(m.to(device), lo.to(device), hi.to(device), 8).cpu(), ref
+    )
