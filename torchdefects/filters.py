@@ -1,0 +1,373 @@
+"""Map conditioning before thresholding: border ignore and smoothing, as pyimgano does it.
+
+pyimgano (``pyimgano.defects.map_ops`` / ``smoothing``) zeroes the border of the map and
+then smooths it with OpenCV. These functions do the same on batches, on the map's device,
+in plain tensor code (shifted slices, ``unfold``), so they script and export:
+
+- :func:`border_ignore` == pyimgano's ``apply_border_ignore_to_map`` (border set to 0.0).
+- :func:`smooth_map` == ``cv2.GaussianBlur`` / ``cv2.medianBlur`` / ``cv2.blur`` with
+  pyimgano's argument rules (even sizes bumped to odd for gaussian and median, sigma 0 from
+  the size, size 0 from sigma), reflect-101 borders for gaussian and box (OpenCV's
+  ``BORDER_DEFAULT``) and replicate for median.
+
+The sums run in a fixed order of elementwise operations (no convolution algorithm picks
+the order), so results are bit-identical across devices and batch positions.
+"""
+
+import math
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from torchdefects._check import _as_b1hw, _check_float_map
+
+__all__ = [
+    "SMOOTHING_METHODS",
+    "border_ignore",
+    "gaussian_kernel1d",
+    "smooth_map",
+    "smoothing_ksize",
+]
+
+SMOOTHING_METHODS: Tuple[str, str, str, str] = ("none", "gaussian", "median", "box")
+
+
+def _small_gaussian(ksize: int) -> List[float]:
+    """OpenCV's fixed kernels (getGaussianKernel with sigma <= 0 and an odd size <= 9)."""
+    if ksize == 1:
+        return [1.0]
+    if ksize == 3:
+        return [0.25, 0.5, 0.25]
+    if ksize == 5:
+        return [0.0625, 0.25, 0.375, 0.25, 0.0625]
+    if ksize == 7:
+        return [0.03125, 0.109375, 0.21875, 0.28125, 0.21875, 0.109375, 0.03125]
+    return [4 / 256, 13 / 256, 30 / 256, 51 / 256, 60 / 256, 51 / 256, 30 / 256, 13 / 256, 4 / 256]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def border_ignore(anomaly_map: Tensor, border_px: int, value: float = 0.0) -> Tensor:
+    r"""Set the pixels within ``border_px`` of the image border to ``value`` (pyimgano: 0.0).
+
+    Equals pyimgano's ``apply_border_ignore_to_map``: rows ``0..n-1`` and ``H-n..H-1`` and the
+    same columns are set; when ``2 * n >= H`` or ``2 * n >= W`` the whole map is set. With the
+    default ``value=0.0`` border pixels are never foreground for a positive threshold (as in
+    pyimgano); pass ``value=float("-inf")`` to exclude them for any threshold. The map that
+    region scores use is this one (pyimgano scores regions on the processed map); ROI
+    statistics come from the raw map.
+
+    Args:
+        anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)` float map.
+        border_px: border width in pixels, ``>= 0``; 0 returns the map unchanged.
+        value: the value border pixels take.
+
+    Returns:
+        A new map of the input's shape and dtype (the input itself when ``border_px == 0``).
+
+    Example:
+        >>> border_ignore(torch.ones(1, 1, 4, 5), 1)[0, 0]
+        tensor([[0., 0., 0., 0., 0.],
+                [0., 1., 1., 1., 0.],
+                [0., 1., 1., 1., 0.],
+                [0., 0., 0., 0., 0.]])
+    """
+    _check_float_map(anomaly_map, "anomaly_map")
+    if border_px < 0:
+        raise ValueError(f"border_px must be an integer >= 0, got {border_px}")
+    if border_px == 0:
+        return anomaly_map
+    x = _as_b1hw(anomaly_map, "anomaly_map")
+    h, w = x.shape[2], x.shape[3]
+    ys = torch.arange(h, device=x.device).view(h, 1)
+    xs = torch.arange(w, device=x.device).view(1, w)
+    inside = (ys >= border_px) & (ys < h - border_px) & (xs >= border_px) & (xs < w - border_px)
+    out = torch.where(inside, x, torch.full((1,), value, dtype=x.dtype, device=x.device))
+    return out.view(anomaly_map.shape)
+
+
+def smoothing_ksize(method: str, ksize: int, sigma: float = 0.0) -> int:
+    """The kernel size pyimgano's smoothing uses, or 0 when it does nothing.
+
+    Rules (pyimgano ``smooth_anomaly_map`` + OpenCV): ``none`` -> 0; ``median``: ``ksize <= 1``
+    -> 0, even sizes + 1; ``box``: ``ksize <= 1`` -> 0, even sizes kept (anchor ``k // 2``, as
+    ``cv2.blur``); ``gaussian``: ``ksize <= 0`` takes OpenCV's size from sigma
+    (``round(8 * sigma + 1) | 1`` for float maps) or 0 when ``sigma <= 0``; even sizes + 1.
+
+    Example:
+        >>> smoothing_ksize("gaussian", 0, 1.5), smoothing_ksize("median", 4)
+        (13, 5)
+    """
+    if method != "none" and method != "gaussian" and method != "median" and method != "box":
+        raise ValueError(
+            f"method must be one of 'none', 'gaussian', 'median', 'box', got '{method}'"
+        )
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be a finite number, got {sigma}")
+    if method == "none":
+        return 0
+    if method == "gaussian":
+        if ksize <= 0:
+            if sigma <= 0:
+                return 0
+            # cvRound(sigma * 4 * 2 + 1) | 1; cvRound rounds half to even, as round() does.
+            return int(torch.round(torch.tensor(sigma * 8 + 1, dtype=torch.float64))) | 1
+        return ksize + 1 if ksize % 2 == 0 else ksize
+    if ksize <= 1:
+        return 0
+    if method == "median" and ksize % 2 == 0:
+        return ksize + 1
+    return ksize
+
+
+def gaussian_kernel1d(ksize: int, sigma: float = 0.0) -> Tensor:
+    """OpenCV's ``getGaussianKernel(ksize, sigma, CV_32F)``, bit for bit, as float32 :math:`(k,)`.
+
+    ``sigma <= 0`` means ``0.3 * ((ksize - 1) * 0.5 - 1) + 0.8``, and for sizes up to 9
+    OpenCV's fixed kernels. Computed in double as OpenCV's bit-exact kernel
+    (half the taps, mirrored, centre tap ``1 / sum``), then rounded to float32. (kornia's
+    ``get_gaussian_kernel1d`` has no fixed kernels and normalizes in float32, so it differs
+    from OpenCV in the last bits and is not used.)
+
+    Example:
+        >>> gaussian_kernel1d(3)
+        tensor([0.2500, 0.5000, 0.2500])
+    """
+    if ksize < 1 or ksize % 2 == 0:
+        raise ValueError(f"ksize must be a positive odd integer, got {ksize}")
+    if ksize <= 9 and sigma <= 0:
+        return torch.tensor(_small_gaussian(ksize), dtype=torch.float32)
+    # OpenCV's getGaussianKernelBitExact in double: half the taps, mirrored, the centre 1.
+    s = sigma if sigma > 0 else 0.15 * ksize + 0.35
+    scale2 = -0.125 / (s * s)
+    half = (ksize - 1) // 2
+    values: List[float] = []
+    total = 0.0
+    for i in range(half):
+        x = 1 - ksize + 2 * i
+        t = math.exp(float(x * x) * scale2)
+        values.append(t)
+        total += t
+    total = total * 2.0 + 1.0
+    mul = 1.0 / total
+    taps: List[float] = [v * mul for v in values]
+    full = taps + [mul] + taps[::-1]
+    return torch.tensor(full, dtype=torch.float64).to(torch.float32)
+
+
+def _reflect101_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
+    i = torch.arange(-before, n + after, device=device)
+    if n == 1:
+        return torch.zeros_like(i)
+    # The period as a tensor: ONNX export takes a tensor modulus, not a symbolic int.
+    period = torch.full_like(i, 2 * (n - 1))
+    i = torch.remainder(i, period)
+    return torch.where(i >= n, period - i, i)
+
+
+def _replicate_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
+    return torch.arange(-before, n + after, device=device).clamp(0, n - 1)
+
+
+def _rows_then_cols(x: Tensor, weights: Tensor, before: int, ones: bool = False) -> Tensor:
+    """The separable filter: along W (rows of the image) first, as OpenCV, then along H.
+
+    Both passes run along dim 2 on contiguous tensors (a gather along the last dim is
+    slow on CPU), so W is brought to dim 2 by one transposed copy and back by another.
+    """
+    xt = x.transpose(2, 3).contiguous()
+    y = _separable(xt, weights, before, 2, ones).transpose(2, 3).contiguous()
+    return _separable(y, weights, before, 2, ones)
+
+
+def _separable(x: Tensor, weights: Tensor, before: int, dim: int, ones: bool = False) -> Tensor:
+    """``sum_i weights[i] * x shifted by i - before`` along ``dim``, reflect-101 borders.
+
+    ``ones``: all weights are 1 (box sums), so no multiplications.
+    """
+    k = weights.shape[0]
+    n = x.shape[dim]
+    idx = _reflect101_index(n, before, k - 1 - before, x.device)
+    padded = x.index_select(dim, idx)
+    if ones:
+        acc = padded.narrow(dim, 0, n)
+        for i in range(1, k):
+            acc = acc + padded.narrow(dim, i, n)
+        return acc
+    acc = padded.narrow(dim, 0, n) * weights[0]
+    for i in range(1, k):
+        acc = acc + padded.narrow(dim, i, n) * weights[i]
+    return acc
+
+
+def _median_ops(n: int) -> List[Tuple[int, int, int]]:
+    """The comparators of a median-of-``n`` selection network, as ``(kind, a, b)``.
+
+    Batcher's odd-even merge sort on the next power of two (the extra slots stand for +inf,
+    so comparators that touch them are no-ops or swaps), pruned backwards to what the middle
+    output needs. ``kind``: 0 writes ``min`` to ``a`` only, 1 writes ``max`` to ``b`` only,
+    2 both, 3 swaps the two slots.
+    """
+    m = 1
+    while m < n:
+        m *= 2
+    net: List[Tuple[int, int]] = []
+    p = 1
+    while p < m:
+        k = p
+        while k >= 1:
+            j = k % p
+            while j <= m - 1 - k:
+                for i in range(min(k - 1, m - j - k - 1) + 1):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        net.append((i + j, i + j + k))
+                j += 2 * k
+            k = k // 2
+        p *= 2
+    inf = [s >= n for s in range(m)]
+    ops: List[Tuple[int, int, int]] = []
+    for a, b in net:
+        if inf[b]:
+            continue
+        if inf[a]:
+            ops.append((3, a, b))
+            inf[a] = False
+            inf[b] = True
+        else:
+            ops.append((2, a, b))
+    need = [False] * m
+    need[n // 2] = True
+    kept: List[Tuple[int, int, int]] = []
+    for idx in range(len(ops) - 1, -1, -1):
+        kind, a, b = ops[idx]
+        na, nb = need[a], need[b]
+        if not (na or nb):
+            continue
+        if kind == 3:
+            kept.append((3, a, b))
+            need[a], need[b] = nb, na
+        else:
+            kept.append((2 if (na and nb) else (0 if na else 1), a, b))
+            need[a] = True
+            need[b] = True
+    kept.reverse()
+    return kept
+
+
+def _median3(padded: Tensor, h: int, w: int) -> Tensor:
+    """3x3 median of a replicate-padded map: each column of three is sorted once (shared by
+    the three windows it belongs to); the median is then ``med3(max of the lows, med3 of the
+    middles, min of the highs)``, an exact identity for 3x3 windows."""
+    a = padded.narrow(2, 0, h)
+    b = padded.narrow(2, 1, h)
+    c = padded.narrow(2, 2, h)
+    lo1 = torch.minimum(a, b)
+    hi1 = torch.maximum(a, b)
+    lo = torch.minimum(lo1, c)
+    mid = torch.maximum(lo1, torch.minimum(hi1, c))
+    hi = torch.maximum(hi1, c)
+    lo_max = torch.maximum(
+        torch.maximum(lo.narrow(3, 0, w), lo.narrow(3, 1, w)), lo.narrow(3, 2, w)
+    )
+    hi_min = torch.minimum(
+        torch.minimum(hi.narrow(3, 0, w), hi.narrow(3, 1, w)), hi.narrow(3, 2, w)
+    )
+    m0, m1, m2 = mid.narrow(3, 0, w), mid.narrow(3, 1, w), mid.narrow(3, 2, w)
+    mid_med = torch.maximum(torch.minimum(m0, m1), torch.minimum(torch.maximum(m0, m1), m2))
+    return torch.maximum(
+        torch.minimum(lo_max, mid_med), torch.minimum(torch.maximum(lo_max, mid_med), hi_min)
+    )
+
+
+def _median(x: Tensor, ksize: int) -> Tensor:
+    """Median of each ``k x k`` window by a selection network of elementwise min/max.
+
+    Exact (a network only moves values), deterministic, and fast: no sort of small windows.
+    """
+    r = ksize // 2
+    h, w = x.shape[2], x.shape[3]
+    rows = _replicate_index(h, r, r, x.device)
+    cols = _replicate_index(w, r, r, x.device)
+    # Gather columns as rows of the transposed map: a gather along the last dim is slow.
+    padded = x.index_select(2, rows).transpose(2, 3).contiguous().index_select(2, cols)
+    padded = padded.transpose(2, 3)
+    if ksize == 3:
+        return _median3(padded, h, w)
+    n = ksize * ksize
+    slots: List[Tensor] = []
+    for i in range(ksize):
+        band = padded.narrow(2, i, h)
+        for j in range(ksize):
+            slots.append(band.narrow(3, j, w))
+    m = 1
+    while m < n:
+        m *= 2
+    for _ in range(m - n):
+        slots.append(slots[0])  # +inf placeholders: the network never reads them
+    for kind, a, b in _median_ops(n):
+        va, vb = slots[a], slots[b]
+        if kind == 3:
+            slots[a] = vb
+            slots[b] = va
+        elif kind == 0:
+            slots[a] = torch.minimum(va, vb)
+        elif kind == 1:
+            slots[b] = torch.maximum(va, vb)
+        else:
+            slots[a] = torch.minimum(va, vb)
+            slots[b] = torch.maximum(va, vb)
+    return slots[n // 2].contiguous()
+
+
+def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 0.0) -> Tensor:
+    r"""Smooth anomaly maps as pyimgano's ``smooth_anomaly_map`` (OpenCV) does, batched.
+
+    - ``gaussian``: ``cv2.GaussianBlur(m, (k, k), sigma)`` with OpenCV's kernel
+      (:func:`gaussian_kernel1d`), reflect-101 borders, rows then columns.
+    - ``box``: ``cv2.blur(m, (k, k))``, reflect-101 borders, summed in float64 and scaled by
+      ``1 / k**2`` in float64 as OpenCV does for float maps.
+    - ``median``: ``cv2.medianBlur(m, k)`` with replicated borders. OpenCV takes only
+      ``k`` in {3, 5} for float maps (larger sizes raise there); here any odd ``k`` works and
+      equals ``scipy.ndimage.median_filter(m, k, mode="nearest")``.
+    - ``none``, or a size that :func:`smoothing_ksize` maps to 0: the map unchanged.
+
+    Args:
+        anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)` float map. float16/bfloat16
+            maps are computed and returned in float32.
+        method: ``"none"``, ``"gaussian"``, ``"median"`` or ``"box"``.
+        ksize: kernel size (see :func:`smoothing_ksize` for pyimgano's rules).
+        sigma: gaussian sigma, 0 for OpenCV's sigma from the size.
+
+    Returns:
+        The smoothed map, the input's shape, float32 (float64 for float64 maps). Equal to
+        OpenCV to float32 rounding (the tests: gaussian and box within ``2e-6 *
+        max|map|``, median bit-equal). NaN pixels spread through the window.
+
+    Example:
+        >>> m = torch.zeros(1, 1, 5, 5)
+        >>> m[0, 0, 2, 2] = 1.0
+        >>> smooth_map(m, "box", 3)[0, 0, 1:4, 1:4]
+        tensor([[0.1111, 0.1111, 0.1111],
+                [0.1111, 0.1111, 0.1111],
+                [0.1111, 0.1111, 0.1111]])
+    """
+    _check_float_map(anomaly_map, "anomaly_map")
+    k = smoothing_ksize(method, ksize, sigma)
+    x = _as_b1hw(anomaly_map, "anomaly_map")
+    dtype = _work_dtype(x.dtype)
+    x = x.to(dtype)
+    if k == 0 or x.numel() == 0:
+        return x.view(anomaly_map.shape)
+    if method == "gaussian":
+        wts = gaussian_kernel1d(k, float(sigma)).to(x.device)
+        out = _rows_then_cols(x, wts, k // 2)
+    elif method == "box":
+        ones = torch.ones(k, dtype=torch.float64, device=x.device)
+        y = _rows_then_cols(x.to(torch.float64), ones, k // 2, True)
+        out = (y * (1.0 / (k * k))).to(dtype)
+    else:
+        out = _median(x, k)
+    return out.view(anomaly_map.shape)
