@@ -10,6 +10,7 @@ from torchdefects.head import DefectHead, Defects
 from torchdefects.morphology import closing, dilation, erosion, fill_holes, opening
 from torchdefects.overlay import render_overlay
 from torchdefects.regions import Regions, region_stats, select_regions
+from torchdefects.report import write_report
 from torchdefects.roi import roi_mask, roi_stats
 from torchdefects.threshold import binarize
 
@@ -39,4 +40,5 @@ __all__ = [
     "save_config",
     "save_scripted",
     "select_regions",
+    "write_report",
 ]

@@ -735,8 +735,11 @@ def render_overlay(
     if n:
         legend.append(("tag: rank (1 = worst) | max score | area", _DEFECT_RGB))
     if scale is not None:
-        where = "tinted" if bg is not None else "warm"
-        legend.append((f"colours: dark below the threshold, {where} at/above it", (190, 190, 190)))
+        if bg is not None:
+            text = "heat: faint just below the threshold, warm at/above it"
+        else:
+            text = "colours: dark below the threshold, warm at/above it"
+        legend.append((text, (190, 190, 190)))
     if nan_src is not None and nan_src.any():
         legend.append(("grey squares: NaN (no score)", (190, 190, 190)))
 

@@ -200,6 +200,37 @@ def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, str]
     return [(prefix or "(value)", text)]
 
 
+def _provenance_line(prov: Any) -> str:
+    """One sentence on where the threshold came from."""
+    if not isinstance(prov, dict):
+        return "provenance not recorded"
+
+    def calib(p: Dict[str, Any]) -> str:
+        bits = [str(p.get("method", "calibration"))]
+        if _num(p.get("q")) is not None:
+            bits.append(f"q={p['q']}")
+        if isinstance(p.get("calibration_map_count"), int):
+            bits.append(f"over {p['calibration_map_count']} normal maps")
+        if isinstance(p.get("roi_pixel_count"), int):
+            bits.append(f"({p['roi_pixel_count']:,} pixels)")
+        if p.get("created_at"):
+            bits.append(f"on {p['created_at']}")
+        return "calibrated: " + " ".join(bits)
+
+    src = prov.get("source")
+    if src == "explicit":
+        return "given explicitly"
+    if src == "calibration":
+        return calib(prov)
+    if src == "config":
+        line = f"from the config {prov.get('path', '')}".rstrip()
+        stored = prov.get("stored_provenance")
+        if isinstance(stored, dict) and stored.get("source") == "calibration":
+            line += "; " + calib(stored)
+        return line
+    return f"source: {src}" if src else "provenance: see the fields below"
+
+
 def _kv_table(pairs: List[Tuple[str, str]], cls: str = "kv") -> str:
     if not pairs:
         return "<p class='muted'>none recorded</p>"
@@ -230,6 +261,8 @@ min-width:120px}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:12px 16px;
 margin-bottom:16px}
 section h2{font-size:16px;margin:0 0 8px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px}
+.grid section{margin-bottom:16px}
 details summary{cursor:pointer;color:var(--accent)}
 table.kv{border-collapse:collapse;font-size:13px}
 table.kv th{text-align:left;font-weight:500;color:var(--muted);padding:2px 16px 2px 0;
@@ -252,7 +285,7 @@ table.results td{padding:6px 8px;border-bottom:1px solid var(--line);vertical-al
 table.results td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.results td.path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;
 word-break:break-all;max-width:420px}
-table.results img{display:block;width:112px;height:auto;border:1px solid var(--line);
+table.results img{display:block;width:160px;height:auto;border:1px solid var(--line);
 border-radius:4px;background:#222}
 .badge{display:inline-block;min-width:44px;text-align:center;border-radius:4px;color:#fff;
 font-weight:600;padding:1px 6px;font-size:12px}
@@ -528,16 +561,22 @@ def write_report(
     for note in notes:
         parts.append(f"<div class='note'>{html.escape(note)}</div>")
 
-    parts.append("<section id='threshold'><h2>Threshold and where it came from</h2>")
+    parts.append("<div class='grid'><section id='threshold'><h2>Threshold</h2>")
+    parts.append(
+        f"<p><b>{html.escape(thr_text)}</b> &mdash; {html.escape(_provenance_line(provenance))}</p>"
+    )
     parts.append(
         "<p class='muted'>A map pixel at or above the threshold is foreground; regions are "
         "what remains after the run's morphology and filters. In the overlays the threshold "
-        "is the middle tick of the colour bar.</p>"
+        "is the middle tick of the colour bar: dark below it, warm at and above it.</p>"
     )
-    parts.append(_kv_table(_flatten(provenance) if provenance is not None else []))
-    parts.append("</section>")
-
-    parts.append("<section id='settings'><h2>Settings</h2>")
+    if provenance is not None:
+        parts.append(
+            "<details><summary>provenance (every field)</summary>"
+            + _kv_table(_flatten(provenance))
+            + "</details>"
+        )
+    parts.append("</section><section id='settings'><h2>Settings</h2>")
     if isinstance(manifest, dict):
         settings = None
         for key in ("settings", "effective_settings", "options", "config"):
@@ -558,7 +597,7 @@ def write_report(
     if error_types:
         summary = ", ".join(f"{k}: {v}" for k, v in sorted(error_types.items()))
         parts.append(f"<p>Errors by type: {html.escape(summary)}</p>")
-    parts.append("</section>")
+    parts.append("</section></div>")
 
     parts.append("<section id='inputs'><h2>Inputs</h2><div class='controls'>")
     for f, label in (("all", "All"), ("NG", "NG only"), ("ERROR", "Errors"), ("OK", "OK")):
