@@ -172,6 +172,19 @@ def test_scale_from_provenance():
     assert scale_from_provenance({"source": "explicit"}, 0.6) is None
     assert scale_from_provenance(None, 0.6) is None
     assert scale_from_provenance({"normal_pixel_stats": {"min": 0.9, "max": 1.0}}, 0.6) is None
+    # render_overlay takes the fixed ends from the provenance: same colours for every map.
+    prov = {"stored_provenance": {"normal_pixel_stats": {"min": 0.0, "max": 0.7}}}
+    a = render_overlay(anomaly_map=np.array([[0.3, 5.0]]), threshold=0.6, provenance=prov)
+    b = render_overlay(anomaly_map=np.array([[0.3, 0.61]]), threshold=0.6, provenance=prov)
+    assert _layout(a)["scale_ends"] == _layout(b)["scale_ends"] == [0.0, 0.6, 1.2]
+    k = _layout(a)["scale"]
+    ya, yb = _layout(a)["picture"][1], _layout(b)["picture"][1]
+    np.testing.assert_array_equal(
+        np.asarray(a)[ya + k // 2, k // 2], np.asarray(b)[yb + k // 2, k // 2]
+    )
+    np.testing.assert_allclose(
+        np.asarray(a)[ya + k // 2, k // 2], _expected(0.3, 0.0, 0.6, 1.2), atol=1
+    )
 
 
 # ----------------------------------------------------------------------------

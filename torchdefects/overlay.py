@@ -545,6 +545,7 @@ def render_overlay(
     defective: Optional[bool] = None,
     image_score: Optional[float] = None,
     title: Optional[str] = None,
+    provenance: Optional[Dict[str, Any]] = None,
 ) -> Image.Image:
     """Draw the heat map, the mask outline, ranked region boxes, a banner and a colour bar.
 
@@ -590,6 +591,9 @@ def render_overlay(
             NG when there is at least one region.
         image_score: the image's score, printed in the banner when given.
         title: a line printed above the banner (e.g. the input's name).
+        provenance: the threshold's provenance record: when ``lo`` and ``hi`` are not
+            given and it holds calibration's normal-pixel statistics, the scale's ends come
+            from them (:func:`scale_from_provenance`), the same for every picture of a run.
 
     Returns:
         An RGB :class:`PIL.Image.Image`.
@@ -623,7 +627,8 @@ def render_overlay(
 
     scale: Optional[MapScale] = None
     if amap is not None and thr is not None:
-        scale = map_scale(amap, thr, lo, hi)
+        fixed = scale_from_provenance(provenance, thr) if lo is None and hi is None else None
+        scale = fixed if fixed is not None else map_scale(amap, thr, lo, hi)
     map_max = map_min = None
     if amap is not None:
         fin = amap[np.isfinite(amap)]
