@@ -16,6 +16,7 @@ from torchdefects.overlay import (
     map_scale,
     mask_outline,
     render_overlay,
+    render_record,
     scale_from_provenance,
 )
 from torchdefects.threshold import binarize
@@ -441,3 +442,53 @@ def test_errors():
         render_overlay(anomaly_map=np.zeros((4, 4)), threshold=1.0, lo=1.5)
     with pytest.raises(ValueError, match="image must have shape"):
         render_overlay(image=np.zeros((4, 4, 2)))
+
+
+def test_render_record_uses_the_records_fields():
+    rec = {
+        "input": "imgs/part 7.png",
+        "anomaly_map": {"shape": [8, 10]},
+        "image_size": [16, 20],
+        "label": 1,
+        "score": 3.5,
+        "defects": {
+            "pixel_threshold": 1.0,
+            "pixel_threshold_provenance": {"normal_pixel_stats": {"min": 0.0, "max": 1.1}},
+            "regions": [
+                {
+                    "id": 2,
+                    "bbox_xyxy": [5, 4, 6, 5],
+                    "area": 4,
+                    "score_max": 3.5,
+                    "bbox_xyxy_image": [10, 8, 13, 11],
+                },
+                {
+                    "id": 1,
+                    "bbox_xyxy": [0, 0, 1, 1],
+                    "area": 4,
+                    "score_max": None,
+                    "bbox_xyxy_image": [0, 0, 3, 3],
+                },
+            ],
+        },
+    }
+    m = np.zeros((8, 10), np.float32)
+    m[4:6, 5:7] = 3.5
+    img = np.full((16, 20, 3), 100, np.uint8)
+    pic = render_record(rec, image=img, anomaly_map=m, min_side=160)
+    lay = _layout(pic)
+    assert lay["verdict"] == "NG" and lay["scale_ends"] == [0.0, 1.0, 2.0] and lay["scale"] == 10
+    assert [t["rank"] for t in lay["tags"]] == [1, 2]
+    # The first box is drawn in image pixels: [10, 8, 13, 11] * 10, 2 px outside (lw = 1),
+    # its cyan line 1 px inside the dark edge; nothing where the map-space box would be.
+    a = np.asarray(pic)
+    px, py = lay["picture"][:2]
+    np.testing.assert_array_equal(a[py + 100, px + 99], DEFECT)
+    assert (a[py + 50, px + 49] != DEFECT).any()
+    # Map-space boxes need a map-sized background.
+    with pytest.raises(ValueError, match=r"image has shape \[5, 5\], but the record's boxes"):
+        render_record({**rec, "image_size": None}, image=np.zeros((5, 5, 3), np.uint8))
+    pic = render_record({**rec, "label": 0}, anomaly_map=m)
+    assert _layout(pic)["verdict"] == "OK" and _layout(pic)["picture"][2:] == [640, 512]
+    with pytest.raises(ValueError, match="an error record for 'x'"):
+        render_record({"input": "x", "error": {"type": "unreadable", "message": "?"}})

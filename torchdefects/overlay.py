@@ -44,6 +44,7 @@ __all__ = [
     "map_scale",
     "mask_outline",
     "render_overlay",
+    "render_record",
     "scale_from_provenance",
 ]
 
@@ -722,7 +723,8 @@ def render_overlay(
     # The banner, the legend and the colour bar panel around the picture.
     n = len(boxes)
     ng = (n > 0) if defective is None else bool(defective)
-    worst = max((float(s) for s in scores), default=None) if scores is not None else None
+    finite_scores = [float(v) for v in scores or () if v is not None and math.isfinite(float(v))]
+    worst = max(finite_scores, default=None)
     line1: List[Tuple[str, Any]] = []
     if n:
         line1.append((f"{n} region{'s' if n != 1 else ''}", _TEXT_RGB))
@@ -878,3 +880,86 @@ def render_overlay(
         layout["colorbar"] = [bx, by0, bar_w, bh]
     canvas.info["torchdefects.layout"] = layout
     return canvas
+
+
+def _number_or_nan(v: Any) -> float:
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else math.nan
+
+
+def render_record(
+    record: Dict[str, Any],
+    image: Optional[np.ndarray] = None,
+    anomaly_map: Optional[np.ndarray] = None,
+    mask: Optional[np.ndarray] = None,
+    **kwargs: Any,
+) -> Image.Image:
+    """:func:`render_overlay` for one ``results.jsonl`` record (see docs/schema.md).
+
+    Takes the regions (in record order: rank 1 is the first), their ``score_max`` and
+    ``area``, the threshold and its provenance, the image's ``label`` and ``score`` when
+    the record has them, and the input's name as the title.
+
+    Boxes: on an ``image`` whose size is the record's ``image_size``, the regions'
+    ``bbox_xyxy_image``; otherwise ``bbox_xyxy`` (map pixels), and then the background
+    must have the anomaly map's size. ``mask`` must be in the background's pixel space.
+
+    Args:
+        record: a result record (an error record raises ValueError).
+        image: :math:`(H, W, 3)` the input image, or None to draw the map alone.
+        anomaly_map: :math:`(h, w)` the map (blended over ``image`` when both are given).
+        mask: :math:`(H, W)` bool, outlined.
+        **kwargs: passed to :func:`render_overlay` (``min_side``, ``lo``, ``hi``, ...).
+
+    Returns:
+        An RGB :class:`PIL.Image.Image`.
+
+    Example:
+        >>> rec = {"input": "a.npy", "anomaly_map": {"shape": [4, 4]}, "defects": {
+        ...     "pixel_threshold": 0.5, "regions": [
+        ...         {"id": 1, "bbox_xyxy": [1, 1, 2, 2], "area": 4, "score_max": 0.9}]}}
+        >>> m = np.zeros((4, 4)); m[1:3, 1:3] = 0.9
+        >>> render_record(rec, anomaly_map=m, mask=m > 0.5).info["torchdefects.layout"]["verdict"]
+        'NG'
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("defects"), dict):
+        raise ValueError(
+            "record must be a result record with a 'defects' block, got "
+            + (
+                f"an error record for {record.get('input')!r}"
+                if isinstance(record, dict)
+                else type(record).__name__
+            )
+        )
+    d = record["defects"]
+    regions = [r for r in d.get("regions") or [] if isinstance(r, dict)]
+    use_image_boxes = False
+    if image is not None:
+        size = record.get("image_size")
+        hw = list(np.shape(image)[:2])
+        map_shape = (record.get("anomaly_map") or {}).get("shape")
+        if size is not None and hw == list(size) and all("bbox_xyxy_image" in r for r in regions):
+            use_image_boxes = True
+        elif regions and map_shape is not None and hw != list(map_shape):
+            raise ValueError(
+                f"image has shape {hw}, but the record's boxes are in anomaly-map pixels "
+                f"{list(map_shape)} and it has no image-space boxes for image_size {size}"
+            )
+    label = record.get("label")
+    defective = None
+    if isinstance(label, (bool, int)):
+        defective = bool(label)
+    elif isinstance(label, str):
+        defective = label.strip().lower() in ("ng", "1", "anomalous", "defective")
+    score = record.get("score")
+    opts: Dict[str, Any] = {
+        "boxes_xyxy": [r["bbox_xyxy_image" if use_image_boxes else "bbox_xyxy"] for r in regions],
+        "scores": [_number_or_nan(r.get("score_max")) for r in regions],
+        "areas": [r.get("area", 0) for r in regions],
+        "threshold": d.get("pixel_threshold"),
+        "provenance": d.get("pixel_threshold_provenance"),
+        "defective": defective,
+        "image_score": score if isinstance(score, numbers.Real) and math.isfinite(score) else None,
+        "title": str(record.get("input", "")) or None,
+    }
+    opts.update(kwargs)
+    return render_overlay(image=image, anomaly_map=anomaly_map, mask=mask, **opts)
