@@ -492,3 +492,34 @@ def test_render_record_uses_the_records_fields():
     assert _layout(pic)["verdict"] == "OK" and _layout(pic)["picture"][2:] == [640, 512]
     with pytest.raises(ValueError, match="an error record for 'x'"):
         render_record({"input": "x", "error": {"type": "unreadable", "message": "?"}})
+
+
+def test_bitmap_font_fallback_for_old_pillow(monkeypatch):
+    """Pillow < 10.1 has no scalable default font: the bitmap font, scaled, is used."""
+    from PIL import ImageFont
+
+    real = ImageFont.load_default
+
+    def old_load_default(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() takes 0 positional arguments")
+        return real()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_load_default)
+    m = np.zeros((256, 256), np.float32)
+    m[250:256, 250:256] = 2.0
+    pic = render_overlay(
+        anomaly_map=m,
+        mask=m > 1,
+        boxes_xyxy=[[250, 250, 255, 255]],
+        scores=[2.0],
+        areas=[36],
+        threshold=1.0,
+    )
+    lay = _layout(pic)
+    x1, y1, x2, y2 = lay["tags"][0]["xyxy"]
+    px, py, pw, ph = lay["picture"]
+    assert px <= x1 and x2 < px + pw and py <= y1 and y2 < py + ph
+    # Text was drawn: the tag's rank cell holds dark glyph pixels on the defect colour.
+    cell = np.asarray(pic)[y1:y2, x1 : x1 + 10]
+    assert (cell.sum(axis=2) < 100).any() and (cell == DEFECT).all(axis=2).any()
