@@ -163,18 +163,26 @@ def test_map_scale_given_ends_degenerate_maps_and_errors():
 
 
 def test_scale_from_provenance():
-    prov = {
-        "source": "config",
-        "stored_provenance": {"normal_pixel_stats": {"min": 0.1, "max": 0.7}},
+    # A calibration record (docs/calibration.md), and the same stored in a config.
+    calib = {
+        "source": "train_dir",
+        "method": "normal_pixel_quantile",
+        "q": 0.999,
+        "normal_min": 0.1,
+        "normal_max": 0.7,
     }
+    assert scale_from_provenance(calib, 0.6) == MapScale(0.1, 0.6, 1.1, "given")
+    prov = {"source": "infer_config", "method": "fixed", "value": 0.6, "stored_provenance": calib}
     assert scale_from_provenance(prov, 0.6) == MapScale(0.1, 0.6, 1.1, "given")
-    prov = {"normal_pixel_min": 0.0, "normal_pixel_max": 3.0}
-    assert scale_from_provenance(prov, 0.6) == MapScale(0.0, 0.6, 3.0, "given")
-    assert scale_from_provenance({"source": "explicit"}, 0.6) is None
+    assert scale_from_provenance({**calib, "normal_max": 3.0}, 0.6) == MapScale(
+        0.1, 0.6, 3.0, "given"
+    )
+    assert scale_from_provenance({"source": "explicit", "method": "fixed"}, 0.6) is None
     assert scale_from_provenance(None, 0.6) is None
-    assert scale_from_provenance({"normal_pixel_stats": {"min": 0.9, "max": 1.0}}, 0.6) is None
+    assert scale_from_provenance({**calib, "normal_max": None}, 0.6) is None  # infinite max
+    assert scale_from_provenance({**calib, "normal_min": 0.9}, 0.6) is None
     # render_overlay takes the fixed ends from the provenance: same colours for every map.
-    prov = {"stored_provenance": {"normal_pixel_stats": {"min": 0.0, "max": 0.7}}}
+    prov = {"stored_provenance": {"normal_min": 0.0, "normal_max": 0.7}}
     a = render_overlay(anomaly_map=np.array([[0.3, 5.0]]), threshold=0.6, provenance=prov)
     b = render_overlay(anomaly_map=np.array([[0.3, 0.61]]), threshold=0.6, provenance=prov)
     assert _layout(a)["scale_ends"] == _layout(b)["scale_ends"] == [0.0, 0.6, 1.2]
@@ -453,7 +461,7 @@ def test_render_record_uses_the_records_fields():
         "score": 3.5,
         "defects": {
             "pixel_threshold": 1.0,
-            "pixel_threshold_provenance": {"normal_pixel_stats": {"min": 0.0, "max": 1.1}},
+            "pixel_threshold_provenance": {"normal_min": 0.0, "normal_max": 1.1},
             "regions": [
                 {
                     "id": 2,

@@ -124,13 +124,19 @@ def _ok_rec(inp, regions=(), threshold=0.5, score_max=None, mask=None, **extra):
             "space": {"type": "anomaly_map", "shape": [8, 8]},
             "pixel_threshold": threshold,
             "pixel_threshold_provenance": {
-                "source": "config",
+                "source": "infer_config",
+                "method": "fixed",
+                "value": threshold,
                 "path": "cfg.json",
                 "stored_provenance": {
-                    "source": "calibration",
+                    "source": "train_dir",
                     "method": "normal_pixel_quantile",
                     "q": 0.999,
                     "calibration_map_count": 4,
+                    "calibration_pixel_count": 1024,
+                    "normal_min": 0.01,
+                    "normal_max": 0.52,
+                    "normal_quantiles": {"0.99": 0.3, "0.999": 0.5, "0.9999": None},
                 },
             },
             "map_stats_roi": {"max": score_max, "mean": 0.1},
@@ -220,7 +226,8 @@ def test_report_structure(tmp_path):
     assert len(page.errors) == 2 and "bad <b>bytes</b>" in page.errors[0]
     assert "&lt;b&gt;bytes" in text and "<b>bytes" not in text
     assert "torn last line" in text
-    assert "normal_pixel_quantile q=0.999 over 4 normal maps" in text
+    assert "from the config cfg.json; calibrated: normal_pixel_quantile q=0.999 over 4" in text
+    assert "normal pixels at calibration: min 0.01, q0.99 0.3, q0.999 0.5, max 0.52" in text
     assert "no manifest.json" in text
     # Thumbnails capped: the first row shows its picture, the others link to theirs.
     page, text = _parse(write_report(out, max_thumbnails=1))
@@ -349,3 +356,29 @@ def test_in_a_headless_browser(tmp_path):
     scores = [float(r[2][4]) for r in shown]
     assert scores == sorted(scores) == [0.45, 0.9, 2.5]
     assert "3 of 7 rows shown" in dom
+
+
+def test_provenance_sentences():
+    from torchdefects.report import _provenance_line
+
+    assert _provenance_line({"source": "explicit", "method": "fixed", "value": 1.0}) == (
+        "given explicitly"
+    )
+    calib = {
+        "source": "train_dir",
+        "method": "normal_pixel_quantile",
+        "q": 0.99,
+        "calibration_map_count": 3,
+        "calibration_pixel_count": 12000,
+    }
+    assert _provenance_line(calib) == (
+        "calibrated: normal_pixel_quantile q=0.99 over 3 normal maps (12,000 pixels)"
+    )
+    # Records written before the pyimgano vocabulary read the same.
+    old = {
+        "source": "config",
+        "path": "c.json",
+        "stored_provenance": {**calib, "source": "calibration"},
+    }
+    assert _provenance_line(old) == "from the config c.json; " + _provenance_line(calib)
+    assert _provenance_line(None) == "provenance not recorded"

@@ -199,35 +199,30 @@ def map_scale(
 def scale_from_provenance(
     provenance: Optional[Dict[str, Any]], threshold: float
 ) -> Optional[MapScale]:
-    """A fixed scale from the normal-pixel statistics a calibration kept, if it kept them.
+    """A fixed scale from the normal-pixel extremes a calibration kept, if it kept them.
 
-    Looks in ``provenance`` (and in a nested ``stored_provenance``) for the normal
-    pixels' minimum and maximum, under ``normal_pixel_stats: {"min", "max"}`` or
-    ``normal_pixel_min`` / ``normal_pixel_max``. The scale is then ``lo = min`` and
-    ``hi = max(max, 2 * threshold - lo)``: the same for every picture of a run.
+    Reads ``normal_min`` and ``normal_max`` (see docs/calibration.md) from ``provenance``
+    or from its nested ``stored_provenance`` (a threshold read from a config). The scale
+    is ``lo = normal_min`` and ``hi = max(normal_max, 2 * threshold - lo)``: the same for
+    every picture of a run.
 
     Args:
         provenance: a threshold provenance record (or None).
         threshold: the pixel threshold used.
 
     Returns:
-        :class:`MapScale` with ``source="given"``, or None when no statistics are found
-        (or they do not straddle the threshold).
+        :class:`MapScale` with ``source="given"``, or None when the extremes are missing
+        (or ``normal_min`` is not below the threshold).
 
     Example:
-        >>> scale_from_provenance({"normal_pixel_stats": {"min": 0.0, "max": 0.7}}, 0.6)
+        >>> scale_from_provenance({"normal_min": 0.0, "normal_max": 0.7}, 0.6)
         MapScale(lo=0.0, threshold=0.6, hi=1.2, source='given')
         >>> scale_from_provenance({"source": "explicit"}, 0.6) is None
         True
     """
     prov = provenance
     while isinstance(prov, dict):
-        stats = prov.get("normal_pixel_stats")
-        lo = hi = None
-        if isinstance(stats, dict):
-            lo, hi = stats.get("min"), stats.get("max")
-        if lo is None and hi is None:
-            lo, hi = prov.get("normal_pixel_min"), prov.get("normal_pixel_max")
+        lo, hi = prov.get("normal_min"), prov.get("normal_max")
         ok = all(
             isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
             for v in (lo, hi)

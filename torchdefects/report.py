@@ -201,7 +201,10 @@ def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> List[Tuple[str, str]
 
 
 def _provenance_line(prov: Any) -> str:
-    """One sentence on where the threshold came from."""
+    """One sentence on where the threshold came from (docs/calibration.md vocabulary).
+
+    Older records (``source`` ``config`` / ``calibration``) read the same way.
+    """
     if not isinstance(prov, dict):
         return "provenance not recorded"
 
@@ -211,8 +214,8 @@ def _provenance_line(prov: Any) -> str:
             bits.append(f"q={p['q']}")
         if isinstance(p.get("calibration_map_count"), int):
             bits.append(f"over {p['calibration_map_count']} normal maps")
-        if isinstance(p.get("roi_pixel_count"), int):
-            bits.append(f"({p['roi_pixel_count']:,} pixels)")
+        if isinstance(p.get("calibration_pixel_count"), int):
+            bits.append(f"({p['calibration_pixel_count']:,} pixels)")
         if p.get("created_at"):
             bits.append(f"on {p['created_at']}")
         return "calibrated: " + " ".join(bits)
@@ -220,15 +223,43 @@ def _provenance_line(prov: Any) -> str:
     src = prov.get("source")
     if src == "explicit":
         return "given explicitly"
-    if src == "calibration":
+    if src in ("train_dir", "calibration"):
         return calib(prov)
-    if src == "config":
-        line = f"from the config {prov.get('path', '')}".rstrip()
+    if src in ("infer_config", "config"):
+        path = prov.get("path")
+        line = f"from the config {path}" if path else "from the config"
         stored = prov.get("stored_provenance")
-        if isinstance(stored, dict) and stored.get("source") == "calibration":
+        if isinstance(stored, dict) and stored.get("source") in ("train_dir", "calibration"):
             line += "; " + calib(stored)
         return line
     return f"source: {src}" if src else "provenance: see the fields below"
+
+
+def _normal_pixels_line(prov: Any) -> Optional[str]:
+    """Where the threshold sits among the calibration's normal pixels, when recorded."""
+    while isinstance(prov, dict):
+        qs = prov.get("normal_quantiles")
+        lo, hi = _num(prov.get("normal_min")), _num(prov.get("normal_max"))
+        if isinstance(qs, dict) or lo is not None or hi is not None:
+            bits = []
+            if lo is not None:
+                bits.append(f"min {_fmt(lo)}")
+            if isinstance(qs, dict):
+                for k in sorted(qs, key=lambda k: _num(_float_or_none(k)) or 0.0):
+                    if _num(qs[k]) is not None:
+                        bits.append(f"q{k} {_fmt(_num(qs[k]))}")
+            if hi is not None:
+                bits.append(f"max {_fmt(hi)}")
+            return "normal pixels at calibration: " + ", ".join(bits) if bits else None
+        prov = prov.get("stored_provenance")
+    return None
+
+
+def _float_or_none(text: Any) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def _kv_table(pairs: List[Tuple[str, str]], cls: str = "kv") -> str:
@@ -565,6 +596,9 @@ def write_report(
     parts.append(
         f"<p><b>{html.escape(thr_text)}</b> &mdash; {html.escape(_provenance_line(provenance))}</p>"
     )
+    normal = _normal_pixels_line(provenance)
+    if normal:
+        parts.append(f"<p>{html.escape(normal)}</p>")
     parts.append(
         "<p class='muted'>A map pixel at or above the threshold is foreground; regions are "
         "what remains after the run's morphology and filters. In the overlays the threshold "
