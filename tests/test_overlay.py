@@ -28,7 +28,7 @@ ALARM = [
     (0.65, (240, 100, 30)),
     (0.8, (252, 175, 40)),
     (0.92, (255, 230, 90)),
-    (1.0, (255, 255, 220)),
+    (1.0, (255, 240, 140)),
 ]
 DEFECT = (0, 229, 255)
 OK_RGB, NG_RGB = (30, 140, 60), (200, 30, 30)
@@ -410,9 +410,9 @@ def test_image_with_map_blend_and_old_call_path():
     f = img[15, 25].astype(float)
     base = 0.8 * (0.5 * f + 0.5 * (f @ [0.299, 0.587, 0.114]))
     np.testing.assert_allclose(a[py + 15 * k, px + 25 * k], base, atol=1.0)
-    # Above it: the alarm colour blended in (alpha 0.55 + 0.7 * (t - 0.5)).
+    # Above it: the alarm colour blended in (alpha 0.5 + 0.4 * (t - 0.5)).
     t = 0.5 + 0.5 * (2.0 - 1.0) / (3.0 - 1.0)
-    alpha = 0.55 + 0.7 * (t - 0.5)
+    alpha = 0.5 + 0.4 * (t - 0.5)
     f = img[5, 7].astype(float)
     base = 0.8 * (0.5 * f + 0.5 * (f @ [0.299, 0.587, 0.114]))
     want = base * (1 - alpha) + _expected(2.0, 0.0, 1.0, 3.0) * alpha

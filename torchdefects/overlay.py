@@ -7,7 +7,7 @@ Pure NumPy and Pillow (no OpenCV, no matplotlib). What a picture shows (see
   ``[lo, hi]`` piecewise linearly so that the threshold always sits at the middle
   (anomalib's convention: the threshold is 0.5 of the normalized scale). Below the
   threshold the colours recede (dark, desaturated blue-greys); at and above it they
-  alarm (red, orange, yellow, near white at ``hi``). The colour family follows the
+  alarm (red, orange, yellow, light yellow at ``hi``). The colour family follows the
   head's own rule (``map >= threshold`` is foreground), so a pixel is warm exactly
   when it would be foreground before morphology. ``lo`` and ``hi`` come from the
   caller (calibration's normal-pixel statistics, see :func:`scale_from_provenance`),
@@ -71,7 +71,7 @@ _RECEDE_POS = np.array([0.0, 0.25, 0.5])
 _RECEDE_RGB = np.array([[10, 12, 20], [34, 40, 56], [80, 88, 108]], dtype=np.float64)
 _ALARM_POS = np.array([0.5, 0.65, 0.8, 0.92, 1.0])
 _ALARM_RGB = np.array(
-    [[214, 40, 40], [240, 100, 30], [252, 175, 40], [255, 230, 90], [255, 255, 220]],
+    [[214, 40, 40], [240, 100, 30], [252, 175, 40], [255, 230, 90], [255, 240, 140]],
     dtype=np.float64,
 )
 
@@ -313,7 +313,7 @@ def heatmap(
         >>> heatmap(np.linspace(0, 1, 12).reshape(3, 4)).shape
         (3, 4, 3)
         >>> heatmap(np.array([[0.0, 0.5, 1.0]]), threshold=0.5).tolist()
-        [[[10, 12, 20], [214, 40, 40], [255, 255, 220]]]
+        [[[10, 12, 20], [214, 40, 40], [255, 240, 140]]]
     """
     a = _as_map(anomaly_map)
     finite = np.isfinite(a)
@@ -651,7 +651,7 @@ def render_overlay(
             t, above = _positions(m, scale)
             col = _colours(t, above)
             # Nothing far below the threshold, a faint tint just below it, warm above.
-            alpha = np.where(above, 0.55 + 0.7 * (t - 0.5), np.maximum(t - 0.25, 0.0))
+            alpha = np.where(above, 0.5 + 0.4 * (t - 0.5), np.maximum(t - 0.25, 0.0))
             alpha[np.isnan(m)] = 0.0
             f = bg.astype(np.float32)
             luma = f @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
