@@ -457,7 +457,7 @@ def test_images_with_detector_equal_head(tmp_path):
         )
         ov = os.path.join(out, "overlays", os.path.basename(rec["input"]) + ".png")
         with Image.open(ov) as im:
-            assert im.mode == "RGB" and im.size[0] % w == 0 and im.size[1] % h == 0
+            assert im.mode == "RGB" and im.width >= w and im.height >= h  # picture + banner
     assert total > 0
 
 

@@ -26,6 +26,7 @@ from torchdefects.region_filters import (
     region_keep,
 )
 from torchdefects.regions import Regions, region_stats, select_regions
+from torchdefects.report import write_report
 from torchdefects.roi import roi_mask, roi_stats
 from torchdefects.severity import (
     RegionUnits,
@@ -101,4 +102,5 @@ __all__ = [
     "shape_stats",
     "smooth_map",
     "solidity",
+    "write_report",
 ]
