@@ -294,8 +294,8 @@ def _walk(root: str, pat: Optional[Sequence[str]]) -> List[str]:
         seen_dirs = {_file_id(os.stat(root))}
     except OSError:
         return []
-    # path -> (file id or None, reached through a symlink)
-    files: Dict[str, Tuple[Optional[Tuple[int, int]], bool]] = {}
+    direct: List[str] = []  # files reached without a symlink
+    linked: List[Tuple[str, Optional[Tuple[int, int]]]] = []  # and through one, with ids
     linked_dirs: List[Tuple[str, Tuple[str, ...]]] = []  # heap of (path, rel parts)
 
     def scan(top: str, top_parts: Tuple[str, ...], via_link: bool) -> None:
@@ -322,44 +322,52 @@ def _walk(root: str, pat: Optional[Sequence[str]]) -> List[str]:
                         heapq.heappush(linked_dirs, (e.path, parts))
                         continue
                     try:
-                        fid = _file_id(e.stat(follow_symlinks=False))
+                        dir_id = _file_id(e.stat(follow_symlinks=False))
                     except OSError:
                         continue
-                    if fid not in seen_dirs:
-                        seen_dirs.add(fid)
+                    if dir_id not in seen_dirs:
+                        seen_dirs.add(dir_id)
                         stack.append((e.path, parts))
                     continue
                 if pat is not None and not _match(pat, parts):
                     continue
-                try:
-                    fid: Optional[Tuple[int, int]] = _file_id(e.stat())
-                except OSError:
-                    fid = None  # dangling link
-                files[e.path] = (fid, via_link or is_link)
+                fid: Optional[Tuple[int, int]] = None
+                if via_link or is_link:
+                    try:
+                        fid = _file_id(e.stat())
+                    except OSError:
+                        pass  # a dangling link
+                    linked.append((e.path, fid))
+                else:
+                    direct.append(e.path)
 
     scan(root, (), False)
     while linked_dirs:
         path, parts = heapq.heappop(linked_dirs)
         try:
-            fid = _file_id(os.stat(path))
+            dir_id = _file_id(os.stat(path))
         except OSError:
             continue
-        if fid in seen_dirs:
+        if dir_id in seen_dirs:
             continue
-        seen_dirs.add(fid)
+        seen_dirs.add(dir_id)
         scan(path, parts, True)
 
-    by_id: Dict[Tuple[int, int], List[Tuple[bool, str]]] = {}
-    out: List[str] = []
-    for path, (fid, linked) in files.items():
+    if not linked:
+        return direct
+    # Files are stat-ed only here, when symlinks could lead to a file twice.
+    direct_ids = set()
+    for path in direct:
+        with contextlib.suppress(OSError):
+            direct_ids.add(_file_id(os.stat(path)))
+    best: Dict[Tuple[int, int], str] = {}
+    out = list(direct)
+    for path, fid in linked:
         if fid is None:
             out.append(path)
-        else:
-            by_id.setdefault(fid, []).append((linked, path))
-    for names in by_id.values():
-        direct = [p for linked, p in names if not linked]
-        out.extend(direct if direct else [min(p for _, p in names)])
-    return out
+        elif fid not in direct_ids and (fid not in best or path < best[fid]):
+            best[fid] = path
+    return out + list(best.values())
 
 
 def _file_id(st: os.stat_result) -> Tuple[int, int]:
@@ -590,12 +598,13 @@ def _pil_map(img: Any, path: str) -> np.ndarray:
     if img.mode not in _MAP_MODES:
         bands = len(img.getbands())
         shape = [img.size[1], img.size[0]] + ([bands] if bands > 1 else [])
+        kind = {"P": "a palette image", "PA": "a palette image with alpha", "1": "1-bit"}
+        what = kind.get(img.mode, f"{bands} channels, shape {shape}")
         raise InputError(
             path,
             "bad_shape",
-            "map must have shape (H, W) with one channel (a grayscale image, mode "
-            f"{', '.join(_MAP_MODES)}), got mode {img.mode} with {bands} channel(s), "
-            f"shape {shape}",
+            "map must have shape (H, W) with one channel of numbers (a grayscale image: "
+            f"mode {', '.join(_MAP_MODES)}), got mode {img.mode} ({what})",
         )
     img.load()
     return np.asarray(img)
