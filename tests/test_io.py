@@ -700,3 +700,11 @@ def test_relative_glob_keeps_relative_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spec in ["**/*.npy", "a/**/*.npy", "./a/*.npy"]:
         assert tio.list_inputs(spec) == sorted(glob.glob(spec, recursive=True))
+
+
+def test_docstring_examples_run(tmp_path, monkeypatch):
+    import doctest
+
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(tio, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 5 and result.failed == 0
