@@ -708,3 +708,17 @@ def test_docstring_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(tio, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 5 and result.failed == 0
+
+
+def test_list_inputs_exclude_dirs(tmp_path):
+    for rel in ["maps/a.npy", "maps/out/masks/a.npy.npy", "maps/sub/b.npy"]:
+        _touch(str(tmp_path / rel))
+    os.symlink(str(tmp_path / "maps" / "out"), str(tmp_path / "maps" / "zlink"))
+    want = [str(tmp_path / "maps/a.npy"), str(tmp_path / "maps/sub/b.npy")]
+    # any spelling of the folder (here through a link and a relative part) excludes it
+    other = str(tmp_path / "maps" / "sub" / ".." / "zlink")
+    for spec in (str(tmp_path / "maps"), str(tmp_path / "maps" / "**" / "*.npy")):
+        assert tio.list_inputs(spec, exclude_dirs=[other]) == want
+        assert len(tio.list_inputs(spec)) == 3  # without it, the output is read back
+    with pytest.raises(FileNotFoundError, match="no files matching"):
+        tio.list_inputs(str(tmp_path / "maps"), exclude_dirs=[str(tmp_path / "maps")])

@@ -279,7 +279,7 @@ def _may_contain(pat: Sequence[str], parts: Sequence[str]) -> bool:
     return fnmatch.fnmatchcase(parts[0], pat[0]) and _may_contain(pat[1:], parts[1:])
 
 
-def _walk(root: str, pat: Optional[Sequence[str]]) -> List[str]:
+def _walk(root: str, pat: Optional[Sequence[str]], exclude: Sequence[str] = ()) -> List[str]:
     """Files under ``root`` (all, or those matching ``pat``), each file and folder once.
 
     Folders are walked without following links first; then symlinked folders are
@@ -288,12 +288,21 @@ def _walk(root: str, pat: Optional[Sequence[str]]) -> List[str]:
     reached under two names, one of them through a symlink, is listed once: under a name
     without symlinks if it has one, else under its smallest path. Hard links (two
     names, no symlink) are two inputs. Dangling links and FIFOs are listed: reading
-    them gives a clear error instead of dropping them silently.
+    them gives a clear error instead of dropping them silently. Folders in ``exclude``
+    (compared by device and inode, so any spelling or link to them matches) are skipped
+    with everything below them.
     """
+    excluded = set()
+    for d in exclude:
+        with contextlib.suppress(OSError):
+            excluded.add(_file_id(os.stat(d)))
     try:
-        seen_dirs = {_file_id(os.stat(root))}
+        root_id = _file_id(os.stat(root))
     except OSError:
         return []
+    if root_id in excluded:
+        return []
+    seen_dirs = {root_id} | excluded
     direct: List[str] = []  # files reached without a symlink
     linked: List[Tuple[str, Optional[Tuple[int, int]]]] = []  # and through one, with ids
     linked_dirs: List[Tuple[str, Tuple[str, ...]]] = []  # heap of (path, rel parts)
@@ -375,7 +384,9 @@ def _file_id(st: os.stat_result) -> Tuple[int, int]:
 
 
 def list_inputs(
-    dir_or_glob: str, extensions: Optional[Iterable[str]] = MAP_EXTENSIONS
+    dir_or_glob: str,
+    extensions: Optional[Iterable[str]] = MAP_EXTENSIONS,
+    exclude_dirs: Iterable[str] = (),
 ) -> List[str]:
     """Files to process, sorted by path so every run and every rank sees the same order.
 
@@ -391,6 +402,8 @@ def list_inputs(
             folders, matched per path part like :func:`glob.glob`) or a file.
         extensions: keep files whose suffix is one of these (case-insensitive);
             ``None`` keeps every file. Hidden files and folders (``.name``) are skipped.
+        exclude_dirs: folders never searched, e.g. a run's output folder inside its
+            input folder; matched by device and inode, whatever path or link leads there.
 
     Returns:
         paths as strings, sorted.
@@ -404,14 +417,15 @@ def list_inputs(
     p = os.fspath(dir_or_glob)
     exts = _norm_exts(extensions)
     found: List[str] = []
+    exclude = [os.fspath(d) for d in exclude_dirs]
     if os.path.isdir(p):
-        found = _walk(p, None)
+        found = _walk(p, None, exclude)
     elif _GLOB_MAGIC.search(p) is None:
         if os.path.lexists(p):
             found.append(p)  # the reader says what is wrong with a FIFO or a dangling link
     else:
         root, pat = _split_glob(p)
-        found = _walk(root or ".", pat)
+        found = _walk(root or ".", pat, exclude)
         if not root:
             found = [f[2:] if f.startswith("./") else f for f in found]
     if exts is not None:
