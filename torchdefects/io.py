@@ -6,6 +6,13 @@ Value scaling: :func:`read_map` never rescales. An 8-bit PNG gives values 0..255
 PNG 0..65535, a float TIFF its stored floats, all as ``float32``. A map saved as an image
 must therefore be calibrated and thresholded in the same units it was saved in.
 
+Input checks, before any pixel is decoded: the path must be a regular file (FIFOs,
+sockets and devices are refused without a blocking open), and the size in the file's
+header must not exceed ``max_pixels`` (:data:`DEFAULT_MAX_PIXELS`, 2**27, a fixed
+number so results never depend on the machine). Every refusal is an :class:`InputError`
+(a ``ValueError``) whose message starts with the path and says what was expected and
+what came; a missing file is a ``FileNotFoundError`` ("PATH: no such file").
+
 Writes are atomic: data goes to a hidden temporary file in the target's directory, is
 flushed and ``fsync``-ed, then ``os.replace``-d over the target, so a reader sees the old
 file or the new one, never half of one. JSONL records are the exception: they are appended
