@@ -6,6 +6,13 @@ Value scaling: :func:`read_map` never rescales. An 8-bit PNG gives values 0..255
 PNG 0..65535, a float TIFF its stored floats, all as ``float32``. A map saved as an image
 must therefore be calibrated and thresholded in the same units it was saved in.
 
+Input checks, before any pixel is decoded: the path must be a regular file (FIFOs,
+sockets and devices are refused without a blocking open), and the size in the file's
+header must not exceed ``max_pixels`` (:data:`DEFAULT_MAX_PIXELS`, 2**27, a fixed
+number so results never depend on the machine). Every refusal is an :class:`InputError`
+(a ``ValueError``) whose message starts with the path and says what was expected and
+what came; a missing file is a ``FileNotFoundError`` ("PATH: no such file").
+
 Writes are atomic: data goes to a hidden temporary file in the target's directory, is
 flushed and ``fsync``-ed, then ``os.replace``-d over the target, so a reader sees the old
 file or the new one, never half of one. JSONL records are the exception: they are appended
@@ -13,34 +20,59 @@ and flushed one line per call, and a reader skips a torn last line (a crash mid-
 """
 
 import contextlib
-import glob
+import fnmatch
 import hashlib
+import heapq
 import io
 import json
 import math
 import os
 import re
+import stat
 import tempfile
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+import warnings
+from typing import (
+    Any,
+    BinaryIO,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import numpy as np
 
+from torchdefects._check import check_choice, check_int
+
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "INPUT_ERROR_KINDS",
     "MAP_EXTENSIONS",
     "MASK_ENCODINGS",
     "MASK_EXTENSIONS",
+    "MASK_VALUE_ENCODINGS",
+    "MULTIPAGE_CHOICES",
+    "InputError",
     "JsonlContents",
     "JsonlWriter",
+    "MaskEncoding",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "input_root",
     "json_safe",
     "list_inputs",
+    "mask_encoding",
     "read_image",
     "read_jsonl",
     "read_map",
+    "read_mask",
     "safe_relative_stem",
     "write_mask",
 ]
@@ -48,13 +80,139 @@ __all__ = [
 MAP_EXTENSIONS: Tuple[str, ...] = (".npy", ".npz", ".pt", ".pth", ".png", ".tif", ".tiff")
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
-#: mask format (``--mask-format``) -> encoding name recorded next to the file.
-MASK_ENCODINGS: Dict[str, str] = {"png": "png_0_255", "npy": "npy_bool", "npz": "npz_bool"}
+#: mask format (``--mask-format``) -> the default encoding's name, recorded next to the
+#: file: 0 and 255 in ``uint8`` for every format (see :func:`mask_encoding`).
+MASK_ENCODINGS: Dict[str, str] = {
+    "png": "png_0_255",
+    "npy": "npy_uint8_0_255",
+    "npz": "npz_uint8_0_255",
+}
+#: ``write_mask(encoding=...)`` choices: ``"uint8"`` (0/255, default) or ``"bool"``.
+MASK_VALUE_ENCODINGS: Tuple[str, ...] = ("uint8", "bool")
 #: mask format -> file extension.
 MASK_EXTENSIONS: Dict[str, str] = {"png": ".png", "npy": ".npy", "npz": ".npz"}
 
 _NPZ_KEYS: Tuple[str, ...] = ("anomaly_map", "map")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+# ----------------------------------------------------------------------------
+# Limits and errors
+# ----------------------------------------------------------------------------
+
+#: Default cap on the pixels one :func:`read_map` or :func:`read_image` call may return:
+#: 2**27 = 134,217,728 (a 11585 x 11585 map; 512 MiB as float32). A fixed number, never
+#: derived from the machine's memory, so a run gives the same records everywhere.
+DEFAULT_MAX_PIXELS: int = 2**27
+
+#: ``multipage`` choices: ``"error"`` refuses a multi-page TIFF, ``"stack"`` reads every
+#: page and returns a batch.
+MULTIPAGE_CHOICES: Tuple[str, ...] = ("error", "stack")
+
+#: ``InputError.kind`` values.
+INPUT_ERROR_KINDS: Tuple[str, ...] = (
+    "unreadable",
+    "bad_shape",
+    "empty_map",
+    "too_large",
+    "not_regular_file",
+)
+
+# Pillow modes that hold one channel of real numbers (``"1"``, bilevel, gives booleans).
+_MAP_MODES: Tuple[str, ...] = ("L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+class InputError(ValueError):
+    """An input file that exists but cannot be used; a ``ValueError``.
+
+    The message starts with the path and says what was expected and what came.
+
+    Attributes:
+        path: the file.
+        kind: one of :data:`INPUT_ERROR_KINDS` (``"too_large"``: over ``max_pixels``;
+            ``"not_regular_file"``: a FIFO, socket, device or directory; ``"bad_shape"``:
+            not one map or image of the expected layout, e.g. RGB as a map or a
+            multi-page TIFF; ``"empty_map"``; ``"unreadable"``: corrupt or unsupported).
+    """
+
+    def __init__(self, path: str, kind: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.kind = kind
+
+
+def _check_max_pixels(max_pixels: Optional[int]) -> None:
+    check_int("max_pixels", max_pixels, minimum=1, allow_none=True)
+
+
+def _check_size(path: str, what: str, shape: Sequence[int], max_pixels: Optional[int]) -> None:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if max_pixels is not None and n > max_pixels:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise InputError(
+            path,
+            "too_large",
+            f"{what} has {n} pixels ({dims}), more than max_pixels={max_pixels}; "
+            "refused before decoding (raise max_pixels to read it)",
+        )
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise unless ``path`` is a regular file (following symlinks); never opens it."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except OSError as e:
+        raise InputError(path, "unreadable", f"cannot access: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            path,
+            "not_regular_file",
+            f"not a regular file: expected a file, got {_file_kind(st.st_mode)}",
+        )
+
+
+def _open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading after :func:`_check_regular_file`.
+
+    Opened non-blocking and checked again with ``fstat``, so a FIFO swapped in after the
+    first check is refused instead of blocking the reader forever.
+    """
+    _check_regular_file(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise InputError(
+                path,
+                "not_regular_file",
+                f"not a regular file: expected a file, got {_file_kind(mode)}",
+            )
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # ----------------------------------------------------------------------------
@@ -68,10 +226,6 @@ def _norm_exts(extensions: Optional[Iterable[str]]) -> Optional[Tuple[str, ...]]
     if isinstance(extensions, str):
         extensions = [extensions]
     return tuple(("." + e.lower().lstrip(".")) for e in extensions)
-
-
-def _is_hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in rel.replace(os.sep, "/").split("/") if part)
 
 
 def input_root(dir_or_glob: str) -> str:
@@ -97,15 +251,166 @@ def input_root(dir_or_glob: str) -> str:
     return os.path.normpath(root if root else "/")
 
 
+def _split_glob(pattern: str) -> Tuple[str, List[str]]:
+    """The folder before the first wildcard, as written, and the pattern's parts below it.
+
+    ``maps/**/*.npy`` -> ``("maps", ["**", "*.npy"])``; ``*.npy`` -> ``("", ["*.npy"])``.
+    """
+    parts = pattern.replace(os.sep, "/").split("/")
+    for i, part in enumerate(parts):
+        if _GLOB_MAGIC.search(part):
+            root = "/".join(parts[:i]) or ("/" if i else "")
+            return root, [q for q in parts[i:] if q not in ("", ".")]
+    return pattern, []
+
+
+def _match(pat: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether the path ``parts`` matches the glob ``pat`` (``**`` is any number of folders)."""
+    if not pat:
+        return not parts
+    if pat[0] == "**":
+        if len(pat) == 1:
+            return len(parts) >= 1
+        return any(_match(pat[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pat[0]) and _match(pat[1:], parts[1:])
+
+
+def _may_contain(pat: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether a folder at ``parts`` may hold a file matching ``pat``."""
+    if not parts:
+        return True
+    if not pat:
+        return False
+    if pat[0] == "**":
+        return True
+    return fnmatch.fnmatchcase(parts[0], pat[0]) and _may_contain(pat[1:], parts[1:])
+
+
+def _walk(root: str, pat: Optional[Sequence[str]], exclude: Sequence[str] = ()) -> List[str]:
+    """Files under ``root`` (all, or those matching ``pat``), each file and folder once.
+
+    Folders are walked without following links first; then symlinked folders are
+    followed, smallest path first, unless the folder they point at was already walked
+    (this ends symlink loops and lists a folder reached through two links once). A file
+    reached under two names, one of them through a symlink, is listed once: under a name
+    without symlinks if it has one, else under its smallest path. Hard links (two
+    names, no symlink) are two inputs. Dangling links and FIFOs are listed: reading
+    them gives a clear error instead of dropping them silently. Folders in ``exclude``
+    (compared by device and inode, so any spelling or link to them matches) are skipped
+    with everything below them.
+    """
+    excluded = set()
+    for d in exclude:
+        with contextlib.suppress(OSError):
+            excluded.add(_file_id(os.stat(d)))
+    try:
+        root_id = _file_id(os.stat(root))
+    except OSError:
+        return []
+    if root_id in excluded:
+        return []
+    seen_dirs = {root_id} | excluded
+    direct: List[str] = []  # files reached without a symlink
+    linked: List[Tuple[str, Optional[Tuple[int, int]]]] = []  # and through one, with ids
+    linked_dirs: List[Tuple[str, Tuple[str, ...]]] = []  # heap of (path, rel parts)
+
+    def scan(top: str, top_parts: Tuple[str, ...], via_link: bool) -> None:
+        stack = [(top, top_parts)]
+        while stack:
+            d, dparts = stack.pop()
+            try:
+                entries = sorted(os.scandir(d), key=lambda e: e.name)
+            except OSError:
+                continue  # unreadable folder: nothing listed from it
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                parts = (*dparts, e.name)
+                try:
+                    is_link = e.is_symlink()
+                    is_dir = e.is_dir()  # follows links
+                except OSError:
+                    is_link, is_dir = True, False
+                if is_dir:
+                    if pat is not None and not _may_contain(pat, parts):
+                        continue
+                    if is_link:
+                        heapq.heappush(linked_dirs, (e.path, parts))
+                        continue
+                    try:
+                        dir_id = _file_id(e.stat(follow_symlinks=False))
+                    except OSError:
+                        continue
+                    if dir_id not in seen_dirs:
+                        seen_dirs.add(dir_id)
+                        stack.append((e.path, parts))
+                    continue
+                if pat is not None and not _match(pat, parts):
+                    continue
+                fid: Optional[Tuple[int, int]] = None
+                if via_link or is_link:
+                    try:
+                        fid = _file_id(e.stat())
+                    except OSError:
+                        pass  # a dangling link
+                    linked.append((e.path, fid))
+                else:
+                    direct.append(e.path)
+
+    scan(root, (), False)
+    while linked_dirs:
+        path, parts = heapq.heappop(linked_dirs)
+        try:
+            dir_id = _file_id(os.stat(path))
+        except OSError:
+            continue
+        if dir_id in seen_dirs:
+            continue
+        seen_dirs.add(dir_id)
+        scan(path, parts, True)
+
+    if not linked:
+        return direct
+    # Files are stat-ed only here, when symlinks could lead to a file twice.
+    direct_ids = set()
+    for path in direct:
+        with contextlib.suppress(OSError):
+            direct_ids.add(_file_id(os.stat(path)))
+    best: Dict[Tuple[int, int], str] = {}
+    out = list(direct)
+    for path, fid in linked:
+        if fid is None:
+            out.append(path)
+        elif fid not in direct_ids and (fid not in best or path < best[fid]):
+            best[fid] = path
+    return out + list(best.values())
+
+
+def _file_id(st: os.stat_result) -> Tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
 def list_inputs(
-    dir_or_glob: str, extensions: Optional[Iterable[str]] = MAP_EXTENSIONS
+    dir_or_glob: str,
+    extensions: Optional[Iterable[str]] = MAP_EXTENSIONS,
+    exclude_dirs: Iterable[str] = (),
 ) -> List[str]:
     """Files to process, sorted by path so every run and every rank sees the same order.
 
+    Symlinks: symlinked files and folders are followed, but every folder is walked once
+    (by device and inode), so a symlink loop ends and a folder reached through two links
+    is listed once; a file reached both directly and through a symlink is listed once,
+    under its name without symlinks (two symlinks only: the smaller path). Hard links
+    are separate inputs. Dangling links and special files (FIFOs, sockets) whose names
+    match are listed, so the reader reports them instead of them vanishing.
+
     Args:
-        dir_or_glob: a directory (searched recursively), a glob (``**`` recurses) or a file.
+        dir_or_glob: a directory (searched recursively), a glob (``**`` is any number of
+            folders, matched per path part like :func:`glob.glob`) or a file.
         extensions: keep files whose suffix is one of these (case-insensitive);
             ``None`` keeps every file. Hidden files and folders (``.name``) are skipped.
+        exclude_dirs: folders never searched, e.g. a run's output folder inside its
+            input folder; matched by device and inode, whatever path or link leads there.
 
     Returns:
         paths as strings, sorted.
@@ -119,25 +424,22 @@ def list_inputs(
     p = os.fspath(dir_or_glob)
     exts = _norm_exts(extensions)
     found: List[str] = []
+    exclude = [os.fspath(d) for d in exclude_dirs]
     if os.path.isdir(p):
-        for dirpath, dirnames, filenames in os.walk(p):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                if not name.startswith("."):
-                    found.append(os.path.join(dirpath, name))
-    elif os.path.isfile(p):
-        found.append(p)
+        found = _walk(p, None, exclude)
+    elif _GLOB_MAGIC.search(p) is None:
+        if os.path.lexists(p):
+            found.append(p)  # the reader says what is wrong with a FIFO or a dangling link
     else:
-        found.extend(
-            f
-            for f in glob.glob(p, recursive=True)
-            if os.path.isfile(f) and not _is_hidden(os.path.relpath(f, input_root(p)))
-        )
+        root, pat = _split_glob(p)
+        found = _walk(root or ".", pat, exclude)
+        if not root:
+            found = [f[2:] if f.startswith("./") else f for f in found]
     if exts is not None:
         found = [f for f in found if os.path.splitext(f)[1].lower() in exts]
     if not found:
         wanted = "any extension" if exts is None else "extensions " + ", ".join(exts)
-        if not os.path.exists(p) and _GLOB_MAGIC.search(p) is None:
+        if not os.path.lexists(p) and _GLOB_MAGIC.search(p) is None:
             raise FileNotFoundError(f"inputs: {p!r} does not exist")
         raise FileNotFoundError(f"inputs: no files matching {p!r} with {wanted}")
     return sorted(found)
@@ -155,17 +457,24 @@ def _to_hw(arr: np.ndarray, path: str) -> np.ndarray:
     elif arr.ndim == 4 and shape[0] == 1 and shape[1] == 1:
         arr = arr[0, 0]
     elif arr.ndim != 2:
-        raise ValueError(
-            f"{path}: map must have shape (H, W), (1, H, W) or (1, 1, H, W), got {list(shape)}"
+        raise InputError(
+            path,
+            "bad_shape",
+            f"map must have shape (H, W), (1, H, W) or (1, 1, H, W), got {list(shape)}",
         )
     if arr.size == 0:
-        raise ValueError(f"{path}: map is empty, shape {list(shape)}")
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise ValueError(f"{path}: map must hold real numbers, got dtype {arr.dtype}")
+        raise InputError(path, "empty_map", f"map is empty, shape {list(shape)}")
+    _check_real_dtype(path, arr.dtype)
     out = np.ascontiguousarray(arr, dtype=np.float32)
     return out if out.flags.writeable else out.copy()  # pillow's arrays are read-only
+
+
+def _check_real_dtype(path: str, dtype: Any) -> None:
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_ or not (
+        np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+    ):
+        raise InputError(path, "unreadable", f"map must hold real numbers, got dtype {dtype}")
 
 
 def _pick_from_mapping(keys: Sequence[str], path: str, what: str) -> str:
@@ -175,37 +484,160 @@ def _pick_from_mapping(keys: Sequence[str], path: str, what: str) -> str:
         if k in keys:
             return k
     listed = ", ".join(repr(k) for k in keys) if keys else "none"
-    raise ValueError(
-        f"{path}: {what} holds {len(keys)} arrays ({listed}); expected one array or a key "
-        f"named {' or '.join(repr(k) for k in _NPZ_KEYS)}"
+    raise InputError(
+        path,
+        "unreadable",
+        f"{what} holds {len(keys)} arrays ({listed}); expected one array or a key "
+        f"named {' or '.join(repr(k) for k in _NPZ_KEYS)}",
     )
 
 
-def _read_pt(path: str) -> np.ndarray:
+def _npy_header(f: BinaryIO, path: str, what: str) -> Tuple[Tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header, reading nothing else."""
+    try:
+        version = np.lib.format.read_magic(f)
+    except ValueError:
+        raise InputError(
+            path, "unreadable", f"{what} is not a NumPy array file (no .npy magic header)"
+        ) from None
+    try:
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise InputError(path, "unreadable", f"{what} has a corrupt .npy header: {e}") from None
+    if dtype.hasobject:
+        raise InputError(
+            path,
+            "unreadable",
+            f"{what} holds Python objects (dtype {dtype}); expected an array of numbers "
+            "(object arrays are never unpickled)",
+        )
+    return tuple(int(s) for s in shape), dtype
+
+
+def _read_npy(path: str, max_pixels: Optional[int], real: bool = True) -> np.ndarray:
+    with _open_regular(path) as f:
+        shape, dtype = _npy_header(f, path, "the file")
+        if real:
+            _check_real_dtype(path, dtype)
+        _check_size(path, "the map", shape, max_pixels)
+        f.seek(0)
+        return np.load(f, allow_pickle=False)
+
+
+def _read_npz(path: str, max_pixels: Optional[int]) -> np.ndarray:
+    with _open_regular(path) as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise InputError(path, "unreadable", "not a NumPy .npz file (expected a zip archive)")
+        f.seek(0)
+        with np.load(f, allow_pickle=False) as z:
+            key = _pick_from_mapping(list(z.files), path, "the .npz file")
+            member = key if key in z.zip.namelist() else key + ".npy"
+            what = f"array {key!r}"
+            with z.zip.open(member) as m:
+                shape, dtype = _npy_header(m, path, what)
+            _check_real_dtype(path, dtype)
+            _check_size(path, f"the map ({what})", shape, max_pixels)
+            return z[key]
+
+
+def _read_pt(path: str, max_pixels: Optional[int]) -> np.ndarray:
     import torch
 
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    _check_regular_file(path)
+    try:
+        # mmap: the tensor's data is not read until used, so the size check comes first.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
     if isinstance(obj, dict):
         keys = [str(k) for k in obj]
         obj = obj[_pick_from_mapping(keys, path, "the saved dict")]
     if not isinstance(obj, torch.Tensor):
-        raise ValueError(f"{path}: expected a saved tensor, got {type(obj).__name__}")
+        raise InputError(path, "unreadable", f"expected a saved tensor, got {type(obj).__name__}")
     if obj.is_complex() or obj.dtype == torch.bool:
-        raise ValueError(f"{path}: map must hold real numbers, got dtype {obj.dtype}")
+        raise InputError(path, "unreadable", f"map must hold real numbers, got dtype {obj.dtype}")
+    _check_size(path, "the map", tuple(obj.shape), max_pixels)
     return obj.detach().to(torch.float32).numpy()
 
 
-def _read_pil_array(path: str) -> np.ndarray:
+@contextlib.contextmanager
+def _open_image(path: str, max_pixels: Optional[int], multipage: str) -> Iterator[Any]:
+    """Open with pillow, check size and pages from the header, before any decoding.
+
+    Pillow's own global decompression-bomb limit is not touched: its warning is muted
+    for this call (``max_pixels`` is the limit here); its hard error, at twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (179 Mpx by default), still applies to images and is
+    reported as ``too_large``.
+    """
     from PIL import Image
 
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("P", "PA"):
-            raise ValueError(f"{path}: palette images are not anomaly maps (mode {img.mode})")
-        return np.asarray(img)
+    with _open_regular(path) as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+        except Image.DecompressionBombError as e:
+            raise InputError(path, "too_large", f"pillow refused it: {e}") from None
+        with img:
+            w, h = img.size
+            pages = int(getattr(img, "n_frames", 1))
+            if pages > 1 and multipage == "error":
+                raise InputError(
+                    path,
+                    "bad_shape",
+                    f"has {pages} pages ({img.format}); expected a single page "
+                    "(multipage='stack' reads every page as a batch)",
+                )
+            _check_size(path, "the image", (pages, h, w) if pages > 1 else (h, w), max_pixels)
+            yield img
 
 
-def read_map(path: str) -> np.ndarray:
+def _pil_pages(img: Any, path: str, convert: Callable[[Any], np.ndarray]) -> np.ndarray:
+    """Every page of ``img`` through ``convert``, stacked: :math:`(N, ...)`."""
+    pages = int(getattr(img, "n_frames", 1))
+    out = []
+    for i in range(pages):
+        img.seek(i)
+        a = convert(img)
+        if out and a.shape != out[0].shape:
+            raise InputError(
+                path,
+                "bad_shape",
+                f"page {i + 1} has shape {list(a.shape)}, page 1 {list(out[0].shape)}; "
+                "stacked pages must share one size",
+            )
+        out.append(a)
+    return np.stack(out)
+
+
+def _pil_map(img: Any, path: str) -> np.ndarray:
+    if img.mode not in _MAP_MODES:
+        bands = len(img.getbands())
+        shape = [img.size[1], img.size[0]] + ([bands] if bands > 1 else [])
+        kind = {"P": "a palette image", "PA": "a palette image with alpha", "1": "1-bit"}
+        what = kind.get(img.mode, f"{bands} channels, shape {shape}")
+        raise InputError(
+            path,
+            "bad_shape",
+            "map must have shape (H, W) with one channel of numbers (a grayscale image: "
+            f"mode {', '.join(_MAP_MODES)}), got mode {img.mode} ({what})",
+        )
+    img.load()
+    return np.asarray(img)
+
+
+def _check_multipage(multipage: str) -> None:
+    check_choice("multipage", multipage, MULTIPAGE_CHOICES)
+
+
+def read_map(
+    path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, multipage: str = "error"
+) -> np.ndarray:
     """Read one anomaly map as ``float32`` of shape (H, W).
 
     Formats: ``.npy``; ``.npz`` (its only array, else the key ``anomaly_map`` or ``map``);
@@ -213,76 +645,119 @@ def read_map(path: str) -> np.ndarray:
     ``weights_only=True``); PNG (8- or 16-bit grayscale) and TIFF (float or integer) through
     pillow. Values are kept raw, only cast to ``float32`` (no division by 255 or 65535).
 
+    Checks before decoding: the path must be a regular file (a FIFO, socket or device
+    is refused without being opened for a blocking read); the size in the header
+    (``.npy``, each ``.npz`` member, PNG/TIFF) must not exceed ``max_pixels``, so a small
+    compressed file that would decode to gigabytes is refused. ``.pt`` files are mapped
+    (``mmap``) and checked before their data is read. ``.npy`` never unpickles.
+
     Args:
         path: the file.
+        max_pixels: the most pixels the map may have (all pages together with
+            ``multipage="stack"``); ``None`` for no limit. Default
+            :data:`DEFAULT_MAX_PIXELS` (2**27).
+        multipage: ``"error"`` (default) refuses a multi-page TIFF; ``"stack"`` reads
+            every page and returns :math:`(N, H, W)` (``N = 1`` for every single-map
+            file), pages of one size only.
 
     Returns:
-        :math:`(H, W)` ``float32`` array, C-contiguous.
+        :math:`(H, W)` ``float32`` array, C-contiguous; :math:`(N, H, W)` with
+        ``multipage="stack"``.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: unsupported extension, unreadable content, a shape other than
-            (H, W), (1, H, W), (1, 1, H, W), an empty map, or a non-numeric dtype.
-            Every message starts with the path.
+        FileNotFoundError: the file does not exist (message ``"PATH: no such file"``).
+        InputError: (a ``ValueError``) not a regular file, over ``max_pixels``, an
+            unsupported extension, unreadable content, a shape other than (H, W),
+            (1, H, W), (1, 1, H, W), a colour image, several pages, an empty map, or a
+            non-numeric dtype. Every message starts with the path; ``kind`` says which.
+        TypeError, ValueError: ``max_pixels`` or ``multipage`` is invalid.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npy")
+        >>> np.save(p, np.zeros((1, 4, 5)))
+        >>> read_map(p).shape
+        (4, 5)
     """
+    _check_max_pixels(max_pixels)
+    _check_multipage(multipage)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     ext = os.path.splitext(path)[1].lower()
     try:
-        if ext == ".npy":
-            arr = np.load(path, allow_pickle=False)
+        if ext in (".png", ".tif", ".tiff"):
+            with _open_image(path, max_pixels, multipage) as img:
+                if multipage == "stack":
+                    pages = _pil_pages(img, path, lambda im: _pil_map(im, path))
+                    return np.stack([_to_hw(a, path) for a in pages])
+                arr = _pil_map(img, path)
+        elif ext == ".npy":
+            arr = _read_npy(path, max_pixels)
         elif ext == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                arr = z[_pick_from_mapping(list(z.files), path, "the .npz file")]
+            arr = _read_npz(path, max_pixels)
         elif ext in (".pt", ".pth"):
-            arr = _read_pt(path)
-        elif ext in (".png", ".tif", ".tiff"):
-            arr = _read_pil_array(path)
+            arr = _read_pt(path, max_pixels)
         else:
-            raise ValueError(
-                f"{path}: unsupported map extension {ext!r}; expected one of "
-                + ", ".join(MAP_EXTENSIONS)
+            _check_regular_file(path)
+            raise InputError(
+                path,
+                "unreadable",
+                f"unsupported map extension {ext!r}; expected one of " + ", ".join(MAP_EXTENSIONS),
             )
-        return _to_hw(np.asarray(arr), path)
-    except ValueError as e:
-        if str(e).startswith(path):
-            raise
-        raise ValueError(f"{path}: cannot read map: {e}") from e
+        out = _to_hw(np.asarray(arr), path)
+        return out[None] if multipage == "stack" else out
+    except (InputError, FileNotFoundError):
+        raise
     except Exception as e:
         # np.load, torch.load and pillow report corrupt files with many exception types
         # (OSError, EOFError, BadZipFile, UnpicklingError, RuntimeError, ...).
-        raise ValueError(f"{path}: cannot read map: {type(e).__name__}: {e}") from e
+        raise InputError(path, "unreadable", f"cannot read map: {type(e).__name__}: {e}") from e
 
 
-def read_image(path: str) -> np.ndarray:
+def _pil_rgb(img: Any) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # pillow's RGB conversion of 16/32-bit gray clips; scale 16-bit to 8-bit.
+        a = np.asarray(img).astype(np.float64)
+        if img.mode != "I":
+            a = a / 257.0
+        a8 = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a8[:, :, None], 3, axis=2))
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def read_image(
+    path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, multipage: str = "error"
+) -> np.ndarray:
     """Read an image as RGB ``uint8`` of shape (H, W, 3) through pillow.
 
     Grayscale and palette images are converted to RGB, alpha is dropped; 16-bit grayscale
     is scaled to 8 bits (divided by 257), 32-bit integer grayscale is clipped to 0..255.
+    The checks of :func:`read_map` apply: a regular file, at most ``max_pixels`` pixels
+    (from the header, before decoding), one page unless ``multipage="stack"``.
+
+    Args:
+        path: the file.
+        max_pixels: the most pixels (height x width, all pages together); ``None`` for
+            no limit. Default :data:`DEFAULT_MAX_PIXELS`.
+        multipage: ``"error"`` (default) or ``"stack"`` (returns :math:`(N, H, W, 3)`).
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: pillow cannot decode it; the message starts with the path.
+        InputError: (a ``ValueError``) not a regular file, too large, several pages, or
+            pillow cannot decode it; the message starts with the path.
     """
-    from PIL import Image
-
+    _check_max_pixels(max_pixels)
+    _check_multipage(multipage)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
+        with _open_image(path, max_pixels, multipage) as img:
+            if multipage == "stack":
+                return _pil_pages(img, path, _pil_rgb)
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # pillow's RGB conversion of 16/32-bit gray clips; scale 16-bit to 8-bit.
-                a = np.asarray(img).astype(np.float64)
-                if img.mode != "I":
-                    a = a / 257.0
-                a8 = np.clip(np.round(a), 0, 255).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(a8[:, :, None], 3, axis=2))
-            return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read image: {type(e).__name__}: {e}") from e
+            return _pil_rgb(img)
+    except (InputError, FileNotFoundError):
+        raise
+    except Exception as e:
+        raise InputError(path, "unreadable", f"cannot read image: {type(e).__name__}: {e}") from e
 
 
 # ----------------------------------------------------------------------------
@@ -366,34 +841,117 @@ def _mask_hw(mask: Any) -> np.ndarray:
     return np.ascontiguousarray(m)
 
 
-def write_mask(path: str, mask: Any, fmt: str = "png", durable: bool = True) -> str:
+class MaskEncoding(NamedTuple):
+    """How a mask file stores its pixels.
+
+    Attributes:
+        name: the name recorded beside the file (``"npy_uint8_0_255"``, ...).
+        format: ``"png"``, ``"npy"`` or ``"npz"`` (``.npz``: key ``mask``, compressed).
+        dtype: the stored dtype, ``"uint8"`` or ``"bool"``.
+        foreground: the stored value of a defect pixel (255, or 1 for ``bool``);
+            background is 0.
+    """
+
+    name: str
+    format: str
+    dtype: str
+    foreground: int
+
+
+def mask_encoding(fmt: str, encoding: str = "uint8") -> MaskEncoding:
+    """The :class:`MaskEncoding` that :func:`write_mask` uses for ``fmt`` and ``encoding``.
+
+    Example:
+        >>> mask_encoding("npy")
+        MaskEncoding(name='npy_uint8_0_255', format='npy', dtype='uint8', foreground=255)
+        >>> mask_encoding("npz", "bool").name
+        'npz_bool'
+    """
+    check_choice("mask_format", fmt, tuple(MASK_EXTENSIONS))
+    check_choice("encoding", encoding, MASK_VALUE_ENCODINGS)
+    if fmt == "png" and encoding != "uint8":
+        raise ValueError(f"encoding must be 'uint8' for PNG masks (0 and 255), got {encoding!r}")
+    if encoding == "bool":
+        return MaskEncoding(f"{fmt}_bool", fmt, "bool", 1)
+    return MaskEncoding("png_0_255" if fmt == "png" else f"{fmt}_uint8_0_255", fmt, "uint8", 255)
+
+
+def write_mask(
+    path: str, mask: Any, fmt: str = "png", durable: bool = True, encoding: str = "uint8"
+) -> str:
     """Write a binary mask atomically and return its encoding name.
 
     Args:
         path: destination; its extension is not checked (see ``MASK_EXTENSIONS``).
         mask: :math:`(H, W)` boolean (or 0/1) array or tensor; leading size-1 dims are dropped.
-        fmt: ``"png"`` (8-bit grayscale, 0 and 255: ``"png_0_255"``), ``"npy"``
-            (``bool`` array: ``"npy_bool"``) or ``"npz"`` (compressed, key ``mask``:
-            ``"npz_bool"``).
+        fmt: ``"png"`` (8-bit grayscale), ``"npy"`` or ``"npz"`` (compressed, key ``mask``).
         durable: fsync the file and its folder (see :func:`atomic_write_bytes`).
+        encoding: ``"uint8"`` (default, every format: 0 and 255, a stable encoding
+            whatever reads it: ``"png_0_255"``, ``"npy_uint8_0_255"``,
+            ``"npz_uint8_0_255"``) or ``"bool"`` (``.npy``/``.npz`` only: ``"npy_bool"``,
+            ``"npz_bool"``). :func:`mask_encoding` gives the dtype and values.
 
     Returns:
         the encoding name, for the record that points at the file.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.npy")
+        >>> write_mask(p, np.eye(3, dtype=bool), "npy")
+        'npy_uint8_0_255'
+        >>> np.load(p).tolist()
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
     """
-    if fmt not in MASK_ENCODINGS:
-        raise ValueError(f"mask_format must be one of {', '.join(MASK_ENCODINGS)}, got {fmt!r}")
+    enc = mask_encoding(fmt, encoding)
     m = _mask_hw(mask)
+    stored = m if enc.dtype == "bool" else m.astype(np.uint8) * np.uint8(255)
     buf = io.BytesIO()
     if fmt == "png":
         from PIL import Image
 
-        Image.fromarray(m.astype(np.uint8) * np.uint8(255), mode="L").save(buf, format="PNG")
+        Image.fromarray(stored, mode="L").save(buf, format="PNG")
     elif fmt == "npy":
-        np.save(buf, m, allow_pickle=False)
+        np.save(buf, stored, allow_pickle=False)
     else:
-        np.savez_compressed(buf, mask=m)
+        np.savez_compressed(buf, mask=stored)
     atomic_write_bytes(path, buf.getvalue(), durable=durable)
-    return MASK_ENCODINGS[fmt]
+    return enc.name
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Read a mask written by :func:`write_mask` (any encoding) as ``bool`` (H, W).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InputError: not a mask file: another extension, shape, dtype, or values other
+            than 0 and 255 (``uint8``) or 0 and 1 (``bool``).
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".png":
+        with _open_image(path, None, "error") as img:
+            if img.mode != "L":
+                raise InputError(path, "unreadable", f"mask PNG must be mode L, got {img.mode}")
+            img.load()
+            a = np.asarray(img)
+    elif ext == ".npy":
+        a = _read_npy(path, None, real=False)
+    elif ext == ".npz":
+        with _open_regular(path) as f, np.load(f, allow_pickle=False) as z:
+            if "mask" not in z.files:
+                raise InputError(path, "unreadable", f"expected key 'mask', got {z.files}")
+            a = z["mask"]
+    else:
+        raise InputError(path, "unreadable", f"unsupported mask extension {ext!r}")
+    if a.ndim != 2:
+        raise InputError(path, "bad_shape", f"mask must have shape (H, W), got {list(a.shape)}")
+    if a.dtype == np.bool_:
+        return a
+    if a.dtype != np.uint8 or not np.isin(a, (0, 255)).all():
+        raise InputError(
+            path, "unreadable", f"mask must be bool or uint8 0/255, got dtype {a.dtype}"
+        )
+    return a == 255
 
 
 # ----------------------------------------------------------------------------
