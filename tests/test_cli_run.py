@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
 from torchdefects.cli import main
 from torchdefects.config import DefectsConfig, load_config
 from torchdefects.head import DefectHead

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
 from torchdefects.config import DefectsConfig
 from torchdefects.runner import ImageSpace, RunOptions, RunUsageError, run
 

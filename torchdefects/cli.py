@@ -169,7 +169,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         set_pixel_threshold,
         validate_config_dict,
     )
-    from torchdefects.io import MAP_EXTENSIONS, list_inputs, read_map
+    from torchdefects.files import MAP_EXTENSIONS, list_inputs, read_map
 
     quiet = args.quiet
     if args.batch_size < 1:

@@ -319,7 +319,7 @@ def save_config(config_or_dict: Union[DefectsConfig, Dict[str, Any]], path: str)
     Raises:
         ConfigError: the config is invalid (nothing is written).
     """
-    from torchdefects.io import atomic_write_json
+    from torchdefects.files import atomic_write_json
 
     if isinstance(config_or_dict, DefectsConfig):
         config_or_dict.validate()

@@ -303,7 +303,7 @@ def run_demo(
         )
     )
 
-    from torchdefects.io import read_jsonl
+    from torchdefects.files import read_jsonl
 
     planted = hit = regions = false_regions = 0
     for rec in read_jsonl(os.path.join(results_dir, "results.jsonl")).records:

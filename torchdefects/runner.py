@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
 from torchdefects._check import check_device
 from torchdefects.config import DefectsConfig
 
