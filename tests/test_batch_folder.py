@@ -1,4 +1,8 @@
-"""torchdefects.runner: end to end on temp folders, against DefectHead called directly."""
+"""torchdefects.batch.run_folder: end to end on temp folders, against DefectHead called directly.
+
+Floats in records are the shortest text that reads back to the same float32; the oracle
+here is NumPy's own shortest repr of a float32 (``str(np.float32(v))``).
+"""
 
 import dataclasses
 import json
@@ -12,7 +16,9 @@ from PIL import Image
 
 from torchdefects import files as tdio
 from torchdefects.config import DefectsConfig
-from torchdefects.runner import ImageSpace, RunOptions, RunUsageError, run
+from torchdefects.batch import RunOptions, RunUsageError
+from torchdefects.batch import run_folder as run
+from torchdefects.geometry import ImageSpace
 
 CFG = DefectsConfig(
     pixel_threshold=0.6, open_ksize=3, close_ksize=0, fill_holes=True, min_area=2, connectivity=8
@@ -51,6 +57,10 @@ def _records(out):
     return tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
 
 
+def _f32(v):
+    return float(str(np.float32(v)))
+
+
 def _expected(cfg, a):
     """Regions and mask of one map from the head itself."""
     from torchdefects.head import DefectHead
@@ -62,13 +72,13 @@ def _expected(cfg, a):
             "id": int(r.label[j]),
             "bbox_xyxy": [int(v) for v in r.bbox_xyxy[j].tolist()],
             "area": int(r.area[j]),
-            "centroid_xy": [float(v) for v in r.centroid_xy[j].tolist()],
-            "score_max": float(r.score_max[j]),
-            "score_mean": float(r.score_mean[j]),
+            "centroid_xy": [_f32(v) for v in r.centroid_xy[j].tolist()],
+            "score_max": _f32(r.score_max[j]),
+            "score_mean": _f32(r.score_mean[j]),
         }
         for j in range(r.label.shape[0])
     ]
-    return regions, d.mask[0, 0].numpy(), float(d.roi_max[0]), float(d.roi_mean[0])
+    return regions, d.mask[0, 0].numpy(), _f32(d.roi_max[0]), _f32(d.roi_mean[0])
 
 
 def _read_mask(out, mask):
