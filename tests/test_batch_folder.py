@@ -212,7 +212,7 @@ def test_mixed_sizes_masks_and_regions_jsonl(tmp_path, fmt):
         assert rec["defects"]["mask"]["encoding"] == tdio.MASK_ENCODINGS[fmt]
         assert rec["defects"]["mask"]["path"].endswith(tdio.MASK_EXTENSIONS[fmt])
         np.testing.assert_array_equal(_read_mask(out, rec["defects"]["mask"]), mask)
-        expected_lines += [{"input": rec["input"], **r} for r in regions]
+        expected_lines += [{"index": rec["index"], "input": rec["input"], **r} for r in regions]
     assert lines == expected_lines
     for line in lines:
         rv.validate(line)

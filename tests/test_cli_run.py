@@ -130,11 +130,16 @@ def test_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 inputs, 2 processed" in err and "0 errors" in err
     assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5"]) == 2
+    capsys.readouterr()
     (tmp_path / "maps" / "broken.npy").write_bytes(b"\x93NUMPY broken")
-    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 3
-    assert "1 processed, 2 skipped" in capsys.readouterr().err
+    # Another input list is another run: resume is refused, naming what differs.
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "inputs.count: 2 -> 3" in err and "inputs.fingerprint" in err
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--overwrite"]) == 3
+    assert "3 processed, 0 skipped" in capsys.readouterr().err
     recs = tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
-    assert [os.path.basename(r["input"]) for r in recs] == ["m000.npy", "m001.npy", "broken.npy"]
+    assert [os.path.basename(r["input"]) for r in recs] == ["broken.npy", "m000.npy", "m001.npy"]
 
 
 def _env():
@@ -258,7 +263,8 @@ def test_two_gloo_processes_match_one(tmp_path):
     for name in ("results.jsonl", "regions.jsonl"):
         with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
             assert a.read() == b.read(), name
-    assert sorted(os.listdir(two)) == ["masks", "regions.jsonl", "results.jsonl"]
+    journal = [".torchdefects.lock", "manifest.json"]
+    assert sorted(os.listdir(two)) == [*journal, "masks", "regions.jsonl", "results.jsonl"]
     assert sorted(os.listdir(os.path.join(two, "masks"))) == sorted(
         os.listdir(os.path.join(one, "masks"))
     )
