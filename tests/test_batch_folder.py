@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from torchdefects import files as tdio
-from torchdefects.config import DefectsConfig
 from torchdefects.batch import RunOptions, RunUsageError
 from torchdefects.batch import run_folder as run
+from torchdefects.config import DefectsConfig
 from torchdefects.geometry import ImageSpace
 
 CFG = DefectsConfig(

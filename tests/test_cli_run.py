@@ -136,7 +136,9 @@ def test_exit_codes(tmp_path, capsys):
     assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "inputs.count: 2 -> 3" in err and "inputs.fingerprint" in err
-    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--overwrite"]) == 3
+    assert (
+        main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--overwrite"]) == 3
+    )
     assert "3 processed, 0 skipped" in capsys.readouterr().err
     recs = tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
     assert [os.path.basename(r["input"]) for r in recs] == ["broken.npy", "m000.npy", "m001.npy"]

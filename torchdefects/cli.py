@@ -397,7 +397,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if prog == "torchdefects run":
             hint = "; the results so far are kept: rerun the same command with --resume"
         print(f"{prog}: interrupted by {name}{hint}", file=sys.stderr)
-        return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        code = EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        if argv is None:
+            # A process told to stop: the journal is consistent and the lock released, so
+            # skip the interpreter's teardown (torch's takes seconds on a busy machine).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -8,7 +8,8 @@ result the head gives it alone (no padding).
 
 import os
 import signal
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -152,9 +153,19 @@ def collate(items: List[Item]) -> Batch:
 
 
 def worker_init(_: int) -> None:
-    """Loader workers leave SIGINT and SIGTERM to the main process, which stops them."""
+    """Loader workers leave Ctrl-C (SIGINT to the whole process group) to the main process,
+    which stops them with SIGTERM (their default action: exit at once, no traceback)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # multiprocessing's fd-sharing thread reports through sys.excepthook.
+    sys.excepthook = _quiet_disconnect
+
+
+def _quiet_disconnect(exc_type: Any, value: Any, tb: Any) -> None:
+    # A tensor handed over while the main process stops sees the connection reset: that is
+    # the stop, not an error worth a traceback.
+    if not issubclass(exc_type, (ConnectionError, EOFError)):
+        sys.__excepthook__(exc_type, value, tb)
 
 
 def _inside(path: str, folders: Sequence[str]) -> bool:
