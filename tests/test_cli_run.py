@@ -354,3 +354,132 @@ def test_export_usage_errors(tmp_path, capsys):
     cfg_path.write_text(json.dumps({"defects": {"pixel_threshold": 0.5}}))
     bad = ["export", "--config", str(cfg_path), "--map-output", "1", "-o", str(tmp_path / "m.pt")]
     assert main(bad) == 2
+
+
+# ----------------------------------------------------------------------------
+# pyimgano-named flags (issue #10 item 3) and record fields (item 4)
+# ----------------------------------------------------------------------------
+
+
+def _recs(out):
+    return tdio.read_jsonl(os.path.join(str(out), "results.jsonl")).records
+
+
+def test_defects_flags_and_image_score_label(tmp_path, capsys):
+    paths = _maps(tmp_path / "maps", 4)
+    base = ["run", "--maps", str(tmp_path / "maps"), "--pixel-threshold", "0.6", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "on"), "--defects"]) == 0
+    assert main([*base, "--out", str(tmp_path / "off"), "--no-defects"]) == 0
+    on, off = _recs(tmp_path / "on"), _recs(tmp_path / "off")
+    for i, (a, b, p) in enumerate(zip(on, off, paths)):
+        m = np.load(p)
+        # Oracle: NumPy's max, and NumPy's shortest float32 text.
+        want = float(str(np.float32(m.max())))
+        assert a["index"] == b["index"] == i
+        assert a["score"] == b["score"] == want and a["score_source"] == "roi_max"
+        assert a["label"] == int(len(a["defects"]["regions"]) > 0)
+        assert "defects" not in b and b["label"] is None
+    # With an image threshold the label follows the score.
+    assert main([*base, "--out", str(tmp_path / "it"), "--image-threshold", "0.95"]) == 0
+    for r in _recs(tmp_path / "it"):
+        assert r["label"] == int(r["score"] >= np.float32(0.95))
+
+
+def test_floats_are_shortest_float32_text(tmp_path):
+    d = tmp_path / "maps"
+    d.mkdir()
+    a = np.full((6, 6), 0.1, np.float32)
+    a[2:4, 2:4] = np.float32(0.9)
+    np.save(d / "a.npy", a)
+    out = tmp_path / "out"
+    assert main(["run", "--maps", str(d), "--out", str(out), "--pixel-threshold", "0.5"]) == 0
+    text = (out / "results.jsonl").read_text()
+    assert '"score_max":0.9' in text and "0.8999999761581421" not in text
+    r = json.loads(text)["defects"]["regions"][0]
+    assert np.float32(r["score_max"]) == np.float32(0.9)  # reads back to the same float32
+
+
+def test_save_masks_dir_overlays_dir_mask_format_and_infer_config(tmp_path):
+    _maps(tmp_path / "maps", 3)
+    cfg = tmp_path / "infer_config.json"
+    cfg.write_text(json.dumps({"defects": {"pixel_threshold": 0.6, "mask_format": "npz"}}))
+    masks, overlays = tmp_path / "m", tmp_path / "o"
+    args = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "out"), "--quiet",
+            "--infer-config", str(cfg), "--save-masks", str(masks), "--mask-format", "npy",
+            "--save-overlays", str(overlays), "--defects-mask-space", "roi"]  # fmt: skip
+    assert main(args) == 0
+    recs = _recs(tmp_path / "out")
+    for r in recs:
+        blk = r["defects"]["mask"]
+        assert set(blk) == {"path", "shape", "dtype", "encoding", "space"}
+        assert os.path.isabs(blk["path"]) and blk["path"].startswith(str(masks))
+        assert blk["encoding"] == "npy_bool" and blk["dtype"] == "bool"
+        assert np.load(blk["path"]).shape == tuple(blk["shape"])
+        assert r["defects"]["pixel_threshold_provenance"]["source"] == "config"
+    assert len(os.listdir(masks)) == 3 and len(os.listdir(overlays)) == 3
+    # --save-masks with no value: the config's format (npz) under OUT/masks
+    args2 = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "o2"), "--quiet",
+             "--config", str(cfg), "--save-masks", "--save-overlays"]  # fmt: skip
+    assert main(args2) == 0
+    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["path"].startswith("masks/")
+    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["encoding"] == "npz_bool"
+    assert len(os.listdir(tmp_path / "o2" / "overlays")) == 3
+
+
+def test_train_dir_calibrates_inline_like_numpy_quantile(tmp_path, capsys):
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(5)
+    arrays = [rng.random((10, 12), dtype=np.float32) * 0.7 for _ in range(5)]
+    for i, a in enumerate(arrays):
+        np.save(normal / f"n{i}.npy", a)
+    _maps(tmp_path / "maps", 3)
+    args = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "out"), "--quiet",
+            "--pixel-threshold-strategy", "normal_pixel_quantile", "--pixel-normal-quantile",
+            "0.99", "--train-dir", str(normal), "--roi-xyxy-norm", "0", "0", "0.5", "1"]  # fmt: skip
+    assert main(args) == 0
+    roi = np.concatenate([a[:, :6].ravel() for a in arrays]).astype(np.float64)
+    want = float(np.quantile(roi, 0.99))
+    for r in _recs(tmp_path / "out"):
+        d = r["defects"]
+        assert d["pixel_threshold"] == want
+        prov = d["pixel_threshold_provenance"]
+        assert prov["source"] == "train_dir" and prov["method"] == "normal_pixel_quantile"
+        assert prov["q"] == 0.99 and prov["calibration_map_count"] == 5
+    # The same inline calibration resumes (created_at is not a setting).
+    assert main([*args, "--resume"]) == 0
+    # Strategy errors are usage errors, before any file.
+    for extra, msg in (
+        (["--pixel-threshold-strategy", "fixed"], "fixed needs --pixel-threshold"),
+        (["--pixel-threshold-strategy", "infer_config"], "the config has none"),
+        (["--pixel-threshold", "0.5", "--train-dir", str(normal)], "exclude each other"),
+    ):
+        capsys.readouterr()
+        a = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "x"), *extra]
+        assert main(a) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+def test_run_help_groups_pyimgano_flags(capsys):
+    from torchdefects.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    group = text.split("pyimgano-compatible:")[1].split("\n\n")[0]
+    for flag in ("--defects", "--pixel-threshold-strategy", "--pixel-normal-quantile",
+                 "--train-dir", "--save-masks", "--mask-format", "--save-overlays",
+                 "--defects-mask-space"):  # fmt: skip
+        assert flag in group, flag
+    assert "--config FILE, --infer-config FILE" in text
+
+
+def test_docs_cli_table_matches_the_parser():
+    from torchdefects._fields import flags_table
+    from torchdefects.batch import RunOptions
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "cli.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert flags_table([RunOptions, DefectsConfig]) in doc, "regenerate: python -m torchdefects._fields"

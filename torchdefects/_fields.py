@@ -189,11 +189,24 @@ def user_values(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, Any
 
 
 def flags_table(classes: Sequence[type]) -> str:
-    """A Markdown table of the flags of ``classes`` (docs/cli.md is checked against it)."""
+    """A Markdown table of the flags of ``classes``; a field name already given by an
+    earlier class is left out, as :func:`add_flags` is told to (docs/cli.md is checked
+    against it; ``python -m torchdefects._fields`` prints the ``run`` table)."""
     rows = ["| flag | aliases | default | help |", "| --- | --- | --- | --- |"]
+    seen: set = set()
     for cls in classes:
         for ff in field_flags(cls):
+            if ff.name in seen:
+                continue
+            seen.add(ff.name)
             aliases = ", ".join(f"`{a}`" for a in ff.aliases)
             default = "" if ff.default is None else f"`{ff.default}`"
             rows.append(f"| `{ff.flag}` | {aliases} | {default} | {ff.help} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    from torchdefects.batch.options import RunOptions
+    from torchdefects.config import DefectsConfig
+
+    print(flags_table([RunOptions, DefectsConfig]), end="")

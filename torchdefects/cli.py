@@ -240,8 +240,9 @@ def _add_run(sub: Any) -> None:
     groups = {t: p.add_argument_group(t) for t in (*titles, "execution")}
     run_fields = add_flags(p, RunOptions, groups)
     settings = groups.get("settings (flags win over the config)")
-    taken = set(run_fields) | {"pixel_threshold", "pixel_threshold_provenance", "mask_format"}
-    config_fields = add_flags(p, DefectsConfig, groups, default_group=settings, skip=taken)
+    # A DefectsConfig field that is also a RunOptions field (pixel_threshold, mask_format)
+    # has its flag there.
+    config_fields = add_flags(p, DefectsConfig, groups, default_group=settings, skip=run_fields)
     p.set_defaults(func=_cmd_run, _run_fields=run_fields, _config_fields=config_fields)
 
 
