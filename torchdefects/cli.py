@@ -65,6 +65,13 @@ def resolve_device(name: str) -> str:
         raise UsageError(str(e)) from e
 
 
+def _command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose unset options stay absent from the namespace (SUPPRESS)."""
+    return sub.add_parser(
+        name, help=summary, description=description, argument_default=argparse.SUPPRESS
+    )
+
+
 def _print(msg: str, quiet: bool = False) -> None:
     if not quiet:
         print(msg, file=sys.stderr)
@@ -76,15 +83,15 @@ def _print(msg: str, quiet: bool = False) -> None:
 
 
 def _add_calibrate(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "calibrate",
-        help="pixel threshold from normal anomaly maps (exact quantile), written to a config",
-        description=(
+        "pixel threshold from normal anomaly maps (exact quantile), written to a config",
+        (
             "Compute the pixel threshold as the q-quantile of every ROI pixel of normal "
             "anomaly maps, exactly as numpy.quantile would, streaming the maps in batches; "
             "write it with its provenance into a config file (created or updated)."
         ),
-        argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("inputs")
     g.add_argument("--maps", required=True, help="folder (recursive) or glob of normal maps")
@@ -224,17 +231,17 @@ def _add_run(sub: Any) -> None:
     from torchdefects.batch.options import RunOptions
     from torchdefects.config import DefectsConfig
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "run",
-        help="defects for a folder of anomaly maps or images: results.jsonl, masks, overlays",
-        description=(
+        "defects for a folder of anomaly maps or images: results.jsonl, masks, overlays",
+        (
             "Run the defect head over every input, batched on the device; write one JSON "
             "record per input to OUT/results.jsonl in input order (see docs/schema.md), and "
             "optionally masks, overlays and regions.jsonl. Flags override the config file only "
             "when given. OUT is locked while the run goes on; --resume continues a run "
             "stopped by a kill, a signal or a full disk, with the same settings."
         ),
-        argument_default=argparse.SUPPRESS,
     )
     titles = ("inputs", "settings (flags win over the config)", "pyimgano-compatible", "output")
     groups = {t: p.add_argument_group(t) for t in (*titles, "execution")}
@@ -264,15 +271,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "export",
-        help="write the scripted head (or detector + head) with its config embedded",
-        description=(
+        "write the scripted head (or detector + head) with its config embedded",
+        (
             "Script DefectHead for the config (and category), optionally behind a TorchScript "
             "detector, and save it with the config and threshold provenance embedded; "
             "torch.jit.load reads it without torchdefects."
         ),
-        argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="config file (JSON)")
     p.add_argument("--category", metavar="NAME", help="category of the config to use")
@@ -323,10 +330,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="the whole job on made-up textured parts with planted defects (no download)",
-        description=(
+        "the whole job on made-up textured parts with planted defects (no download)",
+        (
             "Make normal and defective textured surfaces, fit a patch-Gaussian detector on "
             "the normal ones, calibrate the pixel threshold on normal maps, run the batch on "
             "the test images, write masks and overlays, and count the planted defects found."

@@ -63,6 +63,11 @@ def _int_or_key(text: str) -> Union[int, str]:
         return text
 
 
+def _flag(default: Any, help: str, group: str, **more: Any) -> Any:
+    """A field with its flag metadata (see :mod:`torchdefects._fields`)."""
+    return field(default=default, metadata={"help": help, "group": group, **more})
+
+
 _IN = "inputs"
 _SET = "settings (flags win over the config)"
 _OUT = "output"
@@ -83,125 +88,66 @@ class RunOptions:
         16
     """
 
+    # fmt: off
     out: str = field(metadata={"help": "output folder", "group": _OUT, "metavar": "DIR"})
-    maps: Optional[str] = field(
-        default=None,
-        metadata={"help": "anomaly maps (.npy .npz .pt .png .tif), a folder or a glob",
-                  "group": _IN, "metavar": "DIR_OR_GLOB"},
-    )  # fmt: skip
-    images: Optional[str] = field(
-        default=None,
-        metadata={"help": "images, with --detector", "group": _IN, "metavar": "DIR_OR_GLOB"},
-    )
-    detector: Optional[str] = field(
-        default=None,
-        metadata={"help": "TorchScript detector for --images", "group": _IN,
-                  "metavar": "MODEL.pt"},
-    )  # fmt: skip
-    map_output: Optional[Union[int, str]] = field(
-        default=None,
-        metadata={"help": "the map among the detector's outputs (tuple index or dict key)",
-                  "group": _IN, "metavar": "INDEX_OR_KEY", "type": _int_or_key},
-    )  # fmt: skip
-    input_size: Optional[Tuple[int, int]] = field(
-        default=None,
-        metadata={"help": "detector input H W", "group": _IN, "metavar": ("H", "W")},
-    )
-    mean: Optional[List[float]] = field(
-        default=None, metadata={"help": "per-channel mean (images in [0, 1])", "group": _IN}
-    )
-    std: Optional[List[float]] = field(
-        default=None, metadata={"help": "per-channel std", "group": _IN}
-    )
-    center_crop: Optional[bool] = field(
-        default=None,
-        metadata={"help": "resize to cover the input size, then center crop (else resize)",
-                  "group": _IN},
-    )  # fmt: skip
-    image_size: Optional[Tuple[int, int]] = field(
-        default=None,
-        metadata={"help": "original image size of --maps (adds bbox_xyxy_image; allows "
-                  "--mask-space image)", "group": _IN, "metavar": ("H", "W")},
-    )  # fmt: skip
-    config: Optional[str] = field(
-        default=None,
-        metadata={"help": "config file (JSON; pyimgano infer_config.json works)",
-                  "group": _SET, "metavar": "FILE", "aliases": ("--infer-config",)},
-    )  # fmt: skip
-    category: Optional[str] = field(
-        default=None,
-        metadata={"help": "category of the config to use", "group": _SET, "metavar": "NAME"},
-    )
+    maps: Optional[str] = _flag(None, "anomaly maps (.npy .npz .pt .png .tif), a folder or a glob",
+                                _IN, metavar="DIR_OR_GLOB")
+    images: Optional[str] = _flag(None, "images, with --detector", _IN, metavar="DIR_OR_GLOB")
+    detector: Optional[str] = _flag(None, "TorchScript detector for --images", _IN,
+                                    metavar="MODEL.pt")
+    map_output: Optional[Union[int, str]] = _flag(
+        None, "the map among the detector's outputs (tuple index or dict key)", _IN,
+        metavar="INDEX_OR_KEY", type=_int_or_key)
+    input_size: Optional[Tuple[int, int]] = _flag(None, "detector input H W", _IN,
+                                                  metavar=("H", "W"))
+    mean: Optional[List[float]] = _flag(None, "per-channel mean (images in [0, 1])", _IN)  # noqa: RUF009
+    std: Optional[List[float]] = _flag(None, "per-channel std", _IN)  # noqa: RUF009
+    center_crop: Optional[bool] = _flag(
+        None, "resize to cover the input size, then center crop (else resize)", _IN)
+    image_size: Optional[Tuple[int, int]] = _flag(
+        None, "original image size of --maps (adds bbox_xyxy_image; allows --mask-space image)",
+        _IN, metavar=("H", "W"))
+    config: Optional[str] = _flag(None, "config file (JSON; pyimgano infer_config.json works)",
+                                  _SET, metavar="FILE", aliases=("--infer-config",))
+    category: Optional[str] = _flag(None, "category of the config to use", _SET, metavar="NAME")
     overrides: Dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
-    pixel_threshold: Optional[float] = field(
-        default=None,
-        metadata={"help": "explicit pixel threshold", "group": _SET, "metavar": "T"},
-    )
-    defects: Optional[bool] = field(
-        default=None,
-        metadata={"help": "defects on (default, or the config's enabled) or off with "
-                  "--no-defects: records without defects", "group": _PYI},
-    )  # fmt: skip
-    pixel_threshold_strategy: Optional[str] = field(
-        default=None,
-        metadata={"help": "fixed (--pixel-threshold), infer_config (the config's) or "
-                  "normal_pixel_quantile (calibrate on --train-dir)", "group": _PYI,
-                  "choices": ("fixed", "infer_config", "normal_pixel_quantile")},
-    )  # fmt: skip
-    pixel_normal_quantile: Optional[float] = field(
-        default=None,
-        metadata={"help": "quantile of normal pixels for normal_pixel_quantile "
-                  "(default: the config's, else 0.999)", "group": _PYI, "metavar": "Q"},
-    )  # fmt: skip
-    train_dir: Optional[str] = field(
-        default=None,
-        metadata={"help": "normal maps (or images, with --detector) calibrated inline",
-                  "group": _PYI, "metavar": "DIR"},
-    )  # fmt: skip
-    save_masks: Optional[str] = field(
-        default=None,
-        metadata={"help": "write masks: a format (png, npy, npz) or a folder; no value: "
-                  "OUT/masks in the config's mask_format", "group": _PYI, "nargs": "?",
-                  "const": "config", "metavar": "FORMAT_OR_DIR"},
-    )  # fmt: skip
-    mask_format: Optional[str] = field(
-        default=None,
-        metadata={"help": "mask file format (default: the config's mask_format)",
-                  "group": _PYI, "choices": ("png", "npy", "npz")},
-    )  # fmt: skip
-    save_overlays: Optional[Union[bool, str]] = field(
-        default=None,
-        metadata={"help": "PNG pictures in OUT/overlays or in DIR", "group": _PYI,
-                  "nargs": "?", "const": True, "metavar": "DIR", "type": str},
-    )  # fmt: skip
-    defects_mask_space: Optional[str] = field(
-        default=None,
-        metadata={"help": "pyimgano's mask_space: roi (the only one supported: pixels "
-                  "outside the ROI are never foreground)", "group": _PYI,
-                  "choices": ("roi", "full")},
-    )  # fmt: skip
-    mask_space: str = field(
-        default="anomaly_map",
-        metadata={"help": "masks at map size or image size (nearest)", "group": _OUT,
-                  "choices": ("anomaly_map", "image")},
-    )  # fmt: skip
-    regions_jsonl: bool = field(default=False, metadata={"help": "also OUT/regions.jsonl",
-                                                         "group": _OUT})  # fmt: skip
-    resume: bool = field(
-        default=False,
-        metadata={"help": "continue a run: skip recorded inputs, retry transient failures",
-                  "group": _OUT},
-    )  # fmt: skip
-    overwrite: bool = field(
-        default=False, metadata={"help": "replace earlier results in OUT", "group": _OUT}
-    )
-    device: str = field(
-        default="auto", metadata={"help": "auto, cpu, cuda or cuda:N", "group": _EXE}
-    )
-    batch_size: int = field(default=16, metadata={"help": "inputs per batch", "group": _EXE})
-    num_workers: int = field(default=0, metadata={"help": "loader processes", "group": _EXE})
-    quiet: bool = field(default=False, metadata={"help": "no progress output", "group": _EXE})
+    pixel_threshold: Optional[float] = _flag(None, "explicit pixel threshold", _SET, metavar="T")
+    defects: Optional[bool] = _flag(
+        None, "defects on (default, or the config's enabled) or off with --no-defects: "
+        "records without defects", _PYI)
+    pixel_threshold_strategy: Optional[str] = _flag(
+        None, "fixed (--pixel-threshold), infer_config (the config's) or normal_pixel_quantile "
+        "(calibrate on --train-dir)", _PYI,
+        choices=("fixed", "infer_config", "normal_pixel_quantile"))
+    pixel_normal_quantile: Optional[float] = _flag(
+        None, "quantile of normal pixels for normal_pixel_quantile (default: the config's, "
+        "else 0.999)", _PYI, metavar="Q")
+    train_dir: Optional[str] = _flag(
+        None, "normal maps (or images, with --detector) calibrated inline", _PYI, metavar="DIR")
+    save_masks: Optional[str] = _flag(
+        None, "write masks: a format (png, npy, npz) or a folder; no value: OUT/masks in the "
+        "config's mask_format", _PYI, nargs="?", const="config", metavar="FORMAT_OR_DIR")
+    mask_format: Optional[str] = _flag(
+        None, "mask file format (default: the config's mask_format)", _PYI,
+        choices=("png", "npy", "npz"))
+    save_overlays: Optional[Union[bool, str]] = _flag(
+        None, "PNG pictures in OUT/overlays or in DIR", _PYI, nargs="?", const=True,
+        metavar="DIR", type=str)
+    defects_mask_space: Optional[str] = _flag(
+        None, "pyimgano's mask_space: roi (the only one supported: pixels outside the ROI are "
+        "never foreground)", _PYI, choices=("roi", "full"))
+    mask_space: str = _flag("anomaly_map", "masks at map size or image size (nearest)", _OUT,
+                            choices=("anomaly_map", "image"))
+    regions_jsonl: bool = _flag(False, "also OUT/regions.jsonl", _OUT)
+    resume: bool = _flag(
+        False, "continue a run: skip recorded inputs, retry transient failures", _OUT)
+    overwrite: bool = _flag(False, "replace earlier results in OUT", _OUT)
+    device: str = _flag("auto", "auto, cpu, cuda or cuda:N", _EXE)
+    batch_size: int = _flag(16, "inputs per batch", _EXE)
+    num_workers: int = _flag(0, "loader processes", _EXE)
+    quiet: bool = _flag(False, "no progress output", _EXE)
     progress: Optional[bool] = field(default=None, metadata={"cli": False})
+    # fmt: on
 
 
 @dataclasses.dataclass
