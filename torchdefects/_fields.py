@@ -51,6 +51,13 @@ class FieldFlag(typing.NamedTuple):
     kwargs: Dict[str, Any]
 
 
+class _StoreTuple(argparse.Action):
+    """Stores a fixed number of values as a tuple (the field's type), not a list."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
 def _metadata(cls: type, f: dataclasses.Field) -> Dict[str, Any]:
     meta = dict(f.metadata)
     if "help" not in meta and cls.__name__ == "DefectsConfig":
@@ -95,6 +102,7 @@ def _argparse_kwargs(hint: Any, meta: Dict[str, Any]) -> Dict[str, Any]:
         kw["type"] = elem if elem in (int, float) else str
         if origin in (tuple, typing.Tuple) and args and args[-1] is not Ellipsis:
             kw["nargs"] = len(args)
+            kw["action"] = _StoreTuple
         else:
             kw["nargs"] = "+"
     elif hint in (int, float, str):
@@ -180,12 +188,7 @@ def add_flags(
 
 def user_values(args: argparse.Namespace, names: Iterable[str]) -> Dict[str, Any]:
     """The fields among ``names`` the user set (argparse.SUPPRESS leaves the rest out)."""
-    values = {}
-    for n in names:
-        if hasattr(args, n):
-            v = getattr(args, n)
-            values[n] = tuple(v) if isinstance(v, list) and n.endswith("_size") else v
-    return values
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
 def flags_table(classes: Sequence[type]) -> str:
