@@ -387,20 +387,6 @@ def test_image_space_resize(tmp_path):
         assert got["bbox_xyxy_image"] == [2 * x1, 3 * y1, 2 * x2 + 1, 3 * y2 + 2]
 
 
-def test_image_space_center_crop_mapping():
-    # Image 100 x 200 (h, w) -> cover 50 x 50 at scale 0.5: 50 x 100, crop columns 25..74.
-    sp = ImageSpace.make((25, 25), (100, 200), True, (50, 50))
-    assert sp.resized == (50, 100) and sp.crop_offset_xy == (25, 0)
-    assert sp.bbox_to_image([0, 0, 24, 24]) == [50, 0, 149, 99]
-    assert sp.bbox_to_image([3, 4, 3, 4]) == [(2 * 3 + 25) * 2, 16, (2 * 4 + 25) * 2 - 1, 19]
-    m = np.zeros((25, 25), bool)
-    m[0, 0] = True
-    img = sp.mask_to_image(m)
-    ys, xs = np.nonzero(img)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (0, 3, 50, 53)
-    assert sp.mask_to_image(np.ones((25, 25), bool)).sum() == 100 * 100
-
-
 class _Det(torch.nn.Module):
     """A small real conv detector returning a dict (map under "anomaly_map") and extras."""
 

@@ -379,3 +379,32 @@ def test_scan_and_merge_keep_order_and_first_record(tmp_path):
     got = [json.loads(x) for x in a.read_text().splitlines()]
     assert [r["index"] for r in got] == [0, 1, 2, 3, 4]
     assert got[3]["input"] == "x3" and not b.exists()
+
+
+def test_calibrate_maps_equals_numpy_quantile(tmp_path):
+    from torchdefects.batch import CalibrationFailed, calibrate_maps
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.random((9, 7), dtype=np.float32) for _ in range(4)] + [
+        rng.random((5, 11), dtype=np.float32)
+    ]
+    for q in (0.0, 0.5, 0.9, 0.999, 1.0):
+        res = calibrate_maps(arrays, q=q, roi_xyxy_norm=[0.2, 0.0, 1.0, 0.6], batch_size=2)
+        want = np.quantile(
+            np.concatenate(
+                [
+                    a[: int(np.ceil(0.6 * a.shape[0])), int(np.floor(0.2 * a.shape[1])) :].ravel()
+                    for a in arrays
+                ]
+            ).astype(np.float64),
+            q,
+        )
+        assert res.threshold == float(want) and res.used == 5 and res.failed == []
+    bad = tmp_path / "bad.npy"
+    bad.write_bytes(b"junk")
+    res = calibrate_maps([str(bad), *arrays], q=0.5)
+    assert res.used == 5 and len(res.failed) == 1 and str(bad) in res.failed[0]
+    with pytest.raises(CalibrationFailed, match="none of the 1 maps could be used"):
+        calibrate_maps([str(bad)])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        calibrate_maps(arrays, batch_size=0)

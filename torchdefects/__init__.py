@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from torchdefects.batch import RunOptions, RunSummary, calibrate_maps, run_folder
 from torchdefects.calibration import PixelThresholdCalibrator, resolve_pixel_threshold
 from torchdefects.components import connected_components
 from torchdefects.config import ConfigError, DefectsConfig, load_config, save_config
@@ -20,9 +21,12 @@ __all__ = [
     "DefectsConfig",
     "PixelThresholdCalibrator",
     "Regions",
+    "RunOptions",
+    "RunSummary",
     "__version__",
     "attach",
     "binarize",
+    "calibrate_maps",
     "closing",
     "connected_components",
     "dilation",
@@ -36,6 +40,7 @@ __all__ = [
     "resolve_pixel_threshold",
     "roi_mask",
     "roi_stats",
+    "run_folder",
     "save_config",
     "save_scripted",
     "select_regions",
