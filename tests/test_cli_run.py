@@ -510,3 +510,30 @@ def test_config_enabled_false_turns_defects_off(tmp_path, monkeypatch):
     assert main(["run", "--maps", str(tmp_path / "maps"), "--out", str(out), "--config",
                  str(cfg_file), "--defects", "--overwrite", "--quiet"]) == 0  # fmt: skip
     assert all("defects" in r for r in _recs(out))
+
+
+def test_train_dir_of_images_calibrates_through_the_detector(tmp_path):
+    from PIL import Image
+
+    det = torch.jit.script(_Det())
+    det_path = str(tmp_path / "det.pt")
+    torch.jit.save(det, det_path)
+    rng = np.random.default_rng(2)
+    xs = []
+    for folder, n in (("normal", 4), ("test", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            img = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
+            if folder == "normal":
+                xs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255.0)
+    args = ["run", "--images", str(tmp_path / "test"), "--detector", det_path, "--map-output",
+            "1", "--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "normal"),
+            "--pixel-normal-quantile", "0.9", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    with torch.no_grad():  # one image at a time, as the run feeds the calibrator
+        maps = torch.cat([det(x[None])[1] for x in xs])
+    want = float(np.quantile(maps.numpy().astype(np.float64), 0.9))
+    for r in _recs(tmp_path / "out"):
+        assert r["defects"]["pixel_threshold"] == want
+        assert r["defects"]["pixel_threshold_provenance"]["source"] == "train_dir"

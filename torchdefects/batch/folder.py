@@ -209,9 +209,10 @@ def _calibrate_inline(
     load = None
     if detector is not None:
         ds = InputDataset(paths, range(len(paths)), "images", prep, False)
+        position = {p: i for i, p in enumerate(paths)}
 
         def load(path: Any) -> np.ndarray:
-            item = ds[paths.index(path)]
+            item = ds[position[path]]
             if item.error is not None:
                 raise ValueError(item.error[1])
             with torch.inference_mode():
