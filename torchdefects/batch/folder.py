@@ -358,8 +358,8 @@ def _open_journal(opts: RunOptions, plan: _Plan, r: dist.Ranks) -> Optional[jour
             elif not opts.resume:
                 journal.prepare_fresh(opts.out, opts.overwrite)
             journal.write_manifest(opts.out, settings, _versions())
-        except RunUsageError as e:
-            message = str(e)
+        except (RunUsageError, OSError) as e:
+            message = str(e) if isinstance(e, RunUsageError) else f"--out {opts.out}: {e}"
             if lock is not None:
                 lock.release()
                 lock = None
