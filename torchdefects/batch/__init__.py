@@ -10,6 +10,8 @@ One concept a module:
 - :mod:`~torchdefects.batch.journal`: lock, manifest, resume, temp sweep, rank files, merge;
 - :mod:`~torchdefects.batch.dist`: ranks under ``torchrun``;
 - :mod:`~torchdefects.batch.calibrate`: :func:`calibrate_maps`, the one calibration path;
+- :mod:`~torchdefects.batch.plan`: what a run will do, resolved before it writes anything;
+- :mod:`~torchdefects.batch.compute`: detector and head on a batch, the OOM retry;
 - :mod:`~torchdefects.batch.progress`: the progress line;
 - :mod:`~torchdefects.batch.folder`: :func:`run_folder`, which puts them together.
 
