@@ -222,7 +222,7 @@ def _stream(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Tuple[int, int, bool
     except BaseException:
         _stop_workers(it)
         with contextlib.suppress(BaseException):
-            writer.close()
+            writer.close(discard=True)
         progress.close()
         raise
     writer.close()

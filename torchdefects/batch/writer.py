@@ -77,6 +77,7 @@ class Writer:
         )
         self._queue: queue.Queue[Optional[List[Job]]] = queue.Queue(maxsize=4)
         self._error: Optional[BaseException] = None
+        self._discard = False
         self.last_index = last_index
         self.in_order = True
         self.errors = 0
@@ -89,8 +90,10 @@ class Writer:
         self._raise()
         self._queue.put(jobs)
 
-    def close(self) -> None:
-        """Write what is queued, close the files; raise the writer's error if any."""
+    def close(self, discard: bool = False) -> None:
+        """Write what is queued (``discard``: only the batch being written, for a fast
+        stop; the rest runs again on resume), close the files; raise the writer's error."""
+        self._discard = discard
         self._queue.put(None)
         self._thread.join()
         self._results.close()
@@ -115,7 +118,7 @@ class Writer:
             jobs = self._queue.get()
             if jobs is None:
                 return
-            if self._error is not None:
+            if self._error is not None or self._discard:
                 continue  # drain so that put() never blocks forever
             try:
                 self._write(jobs)
