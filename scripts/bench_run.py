@@ -96,9 +96,9 @@ def _opencv_loop(paths, out_dir):
 
 
 def _torchdefects(maps_dir, out_dir, device, batch_size, num_workers):
-    from torchdefects.runner import RunOptions, run
+    from torchdefects.batch import RunOptions, run_folder
 
-    s = run(
+    s = run_folder(
         RunOptions(
             out=out_dir,
             maps=maps_dir,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
 from torchdefects.cli import main
 from torchdefects.config import DefectsConfig, load_config
 from torchdefects.head import DefectHead
@@ -130,11 +130,18 @@ def test_exit_codes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 inputs, 2 processed" in err and "0 errors" in err
     assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5"]) == 2
+    capsys.readouterr()
     (tmp_path / "maps" / "broken.npy").write_bytes(b"\x93NUMPY broken")
-    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 3
-    assert "1 processed, 2 skipped" in capsys.readouterr().err
+    # Another input list is another run: resume is refused, naming what differs.
+    assert main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "inputs.count: 2 -> 3" in err and "inputs.fingerprint" in err
+    assert (
+        main(["run", "--maps", maps, "--out", out, "--pixel-threshold", "0.5", "--overwrite"]) == 3
+    )
+    assert "3 processed, 0 skipped" in capsys.readouterr().err
     recs = tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
-    assert [os.path.basename(r["input"]) for r in recs] == ["m000.npy", "m001.npy", "broken.npy"]
+    assert [os.path.basename(r["input"]) for r in recs] == ["broken.npy", "m000.npy", "m001.npy"]
 
 
 def _env():
@@ -249,16 +256,21 @@ def test_two_gloo_processes_match_one(tmp_path):
                 text=True,
             )
         )
-    codes = []
+    codes, errs = [], []
     for p in procs:
         _, err = p.communicate(timeout=120)
         codes.append(p.returncode)
+        errs.append(err)
         assert p.returncode in (0, 3), err
     assert codes[0] == 3  # rank 0 reports on the merged results
+    # ... with the totals of every rank; the other ranks print no summary.
+    assert "9 inputs, 9 processed, 0 skipped (already recorded), 1 errors" in errs[0], errs[0]
+    assert "torchdefects run:" not in errs[1]
     for name in ("results.jsonl", "regions.jsonl"):
         with open(os.path.join(one, name), "rb") as a, open(os.path.join(two, name), "rb") as b:
             assert a.read() == b.read(), name
-    assert sorted(os.listdir(two)) == ["masks", "regions.jsonl", "results.jsonl"]
+    journal = [".torchdefects.lock", "manifest.json"]
+    assert sorted(os.listdir(two)) == [*journal, "masks", "regions.jsonl", "results.jsonl"]
     assert sorted(os.listdir(os.path.join(two, "masks"))) == sorted(
         os.listdir(os.path.join(one, "masks"))
     )
@@ -346,3 +358,184 @@ def test_export_usage_errors(tmp_path, capsys):
     cfg_path.write_text(json.dumps({"defects": {"pixel_threshold": 0.5}}))
     bad = ["export", "--config", str(cfg_path), "--map-output", "1", "-o", str(tmp_path / "m.pt")]
     assert main(bad) == 2
+
+
+# ----------------------------------------------------------------------------
+# pyimgano-named flags (issue #10 item 3) and record fields (item 4)
+# ----------------------------------------------------------------------------
+
+
+def _recs(out):
+    return tdio.read_jsonl(os.path.join(str(out), "results.jsonl")).records
+
+
+def test_defects_flags_and_image_score_label(tmp_path, capsys):
+    paths = _maps(tmp_path / "maps", 4)
+    base = ["run", "--maps", str(tmp_path / "maps"), "--pixel-threshold", "0.6", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "on"), "--defects"]) == 0
+    assert main([*base, "--out", str(tmp_path / "off"), "--no-defects"]) == 0
+    on, off = _recs(tmp_path / "on"), _recs(tmp_path / "off")
+    for i, (a, b, p) in enumerate(zip(on, off, paths)):
+        m = np.load(p)
+        # Oracle: NumPy's max, and NumPy's shortest float32 text.
+        want = float(str(np.float32(m.max())))
+        assert a["index"] == b["index"] == i
+        assert a["score"] == b["score"] == want and a["score_source"] == "roi_max"
+        assert a["label"] == int(len(a["defects"]["regions"]) > 0)
+        assert "defects" not in b and b["label"] is None
+    # With an image threshold the label follows the score.
+    assert main([*base, "--out", str(tmp_path / "it"), "--image-threshold", "0.95"]) == 0
+    for r in _recs(tmp_path / "it"):
+        assert r["label"] == int(r["score"] >= np.float32(0.95))
+
+
+def test_floats_are_shortest_float32_text(tmp_path):
+    d = tmp_path / "maps"
+    d.mkdir()
+    a = np.full((6, 6), 0.1, np.float32)
+    a[2:4, 2:4] = np.float32(0.9)
+    np.save(d / "a.npy", a)
+    out = tmp_path / "out"
+    assert main(["run", "--maps", str(d), "--out", str(out), "--pixel-threshold", "0.5"]) == 0
+    text = (out / "results.jsonl").read_text()
+    assert '"score_max":0.9' in text and "0.8999999761581421" not in text
+    r = json.loads(text)["defects"]["regions"][0]
+    assert np.float32(r["score_max"]) == np.float32(0.9)  # reads back to the same float32
+
+
+def test_save_masks_dir_overlays_dir_mask_format_and_infer_config(tmp_path):
+    _maps(tmp_path / "maps", 3)
+    cfg = tmp_path / "infer_config.json"
+    cfg.write_text(json.dumps({"defects": {"pixel_threshold": 0.6, "mask_format": "npz"}}))
+    masks, overlays = tmp_path / "m", tmp_path / "o"
+    args = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "out"), "--quiet",
+            "--infer-config", str(cfg), "--save-masks", str(masks), "--mask-format", "npy",
+            "--save-overlays", str(overlays), "--defects-mask-space", "roi"]  # fmt: skip
+    assert main(args) == 0
+    recs = _recs(tmp_path / "out")
+    for r in recs:
+        blk = r["defects"]["mask"]
+        assert set(blk) == {"path", "shape", "dtype", "encoding", "space"}
+        assert os.path.isabs(blk["path"]) and blk["path"].startswith(str(masks))
+        assert blk["encoding"] == "npy_uint8_0_255" and blk["dtype"] == "uint8"
+        saved = np.load(blk["path"])
+        assert saved.shape == tuple(blk["shape"]) and saved.dtype == np.uint8
+        assert set(np.unique(saved)) <= {0, 255}
+        assert r["defects"]["pixel_threshold_provenance"]["source"] == "infer_config"
+    assert len(os.listdir(masks)) == 3 and len(os.listdir(overlays)) == 3
+    # --save-masks with no value: the config's format (npz) under OUT/masks
+    args2 = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "o2"), "--quiet",
+             "--config", str(cfg), "--save-masks", "--save-overlays"]  # fmt: skip
+    assert main(args2) == 0
+    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["path"].startswith("masks/")
+    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["encoding"] == "npz_bool"
+    assert len(os.listdir(tmp_path / "o2" / "overlays")) == 3
+
+
+def test_train_dir_calibrates_inline_like_numpy_quantile(tmp_path, capsys):
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(5)
+    arrays = [rng.random((10, 12), dtype=np.float32) * 0.7 for _ in range(5)]
+    for i, a in enumerate(arrays):
+        np.save(normal / f"n{i}.npy", a)
+    _maps(tmp_path / "maps", 3)
+    args = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "out"), "--quiet",
+            "--pixel-threshold-strategy", "normal_pixel_quantile", "--pixel-normal-quantile",
+            "0.99", "--train-dir", str(normal), "--roi-xyxy-norm", "0", "0", "0.5",
+            "1"]  # fmt: skip
+    assert main(args) == 0
+    roi = np.concatenate([a[:, :6].ravel() for a in arrays]).astype(np.float64)
+    want = float(np.quantile(roi, 0.99))
+    for r in _recs(tmp_path / "out"):
+        d = r["defects"]
+        assert d["pixel_threshold"] == want
+        prov = d["pixel_threshold_provenance"]
+        assert prov["source"] == "train_dir" and prov["method"] == "normal_pixel_quantile"
+        assert prov["q"] == 0.99 and prov["calibration_map_count"] == 5
+    # The same inline calibration resumes (created_at is not a setting).
+    assert main([*args, "--resume"]) == 0
+    # Strategy errors are usage errors, before any file.
+    for extra, msg in (
+        (["--pixel-threshold-strategy", "fixed"], "fixed needs --pixel-threshold"),
+        (["--pixel-threshold-strategy", "infer_config"], "the config has none"),
+        (["--pixel-threshold", "0.5", "--train-dir", str(normal)], "exclude each other"),
+    ):
+        capsys.readouterr()
+        a = ["run", "--maps", str(tmp_path / "maps"), "--out", str(tmp_path / "x"), *extra]
+        assert main(a) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+def test_run_help_groups_pyimgano_flags(capsys):
+    from torchdefects.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    group = text.split("pyimgano-compatible:")[1].split("\n\n")[0]
+    for flag in ("--defects", "--pixel-threshold-strategy", "--pixel-normal-quantile",
+                 "--train-dir", "--save-masks", "--mask-format", "--save-overlays",
+                 "--defects-mask-space"):  # fmt: skip
+        assert flag in group, flag
+    assert "--config FILE, --infer-config FILE" in text
+
+
+def test_docs_cli_table_matches_the_parser():
+    from torchdefects._fields import flags_table
+    from torchdefects.batch import RunOptions
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "docs", "cli.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert flags_table([RunOptions, DefectsConfig]) in doc, (
+        "regenerate: python -m torchdefects._fields"
+    )
+
+
+def test_config_enabled_false_turns_defects_off(tmp_path, monkeypatch):
+    # The config's defects.enabled (pyimgano) arrives with the config issue as a field;
+    # until then a class attribute stands in for it.
+    _maps(tmp_path / "maps", 2)
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"defects": {"pixel_threshold": 0.6}}))
+    if not any(f.name == "enabled" for f in dataclasses.fields(DefectsConfig)):
+        monkeypatch.setattr(DefectsConfig, "enabled", False, raising=False)
+    else:
+        cfg_file.write_text(json.dumps({"defects": {"pixel_threshold": 0.6, "enabled": False}}))
+    out = tmp_path / "out"
+    assert main(["run", "--maps", str(tmp_path / "maps"), "--out", str(out), "--config",
+                 str(cfg_file), "--quiet"]) == 0  # fmt: skip
+    assert all("defects" not in r for r in _recs(out))
+    # --defects wins over the config
+    assert main(["run", "--maps", str(tmp_path / "maps"), "--out", str(out), "--config",
+                 str(cfg_file), "--defects", "--overwrite", "--quiet"]) == 0  # fmt: skip
+    assert all("defects" in r for r in _recs(out))
+
+
+def test_train_dir_of_images_calibrates_through_the_detector(tmp_path):
+    from PIL import Image
+
+    det = torch.jit.script(_Det())
+    det_path = str(tmp_path / "det.pt")
+    torch.jit.save(det, det_path)
+    rng = np.random.default_rng(2)
+    xs = []
+    for folder, n in (("normal", 4), ("test", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(n):
+            img = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / folder / f"{i}.png")
+            if folder == "normal":
+                xs.append(torch.from_numpy(img).permute(2, 0, 1).float() / 255.0)
+    args = ["run", "--images", str(tmp_path / "test"), "--detector", det_path, "--map-output",
+            "1", "--out", str(tmp_path / "out"), "--train-dir", str(tmp_path / "normal"),
+            "--pixel-normal-quantile", "0.9", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    with torch.no_grad():  # one image at a time, as the run feeds the calibrator
+        maps = torch.cat([det(x[None])[1] for x in xs])
+    want = float(np.quantile(maps.numpy().astype(np.float64), 0.9))
+    for r in _recs(tmp_path / "out"):
+        assert r["defects"]["pixel_threshold"] == want
+        assert r["defects"]["pixel_threshold_provenance"]["source"] == "train_dir"

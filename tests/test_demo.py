@@ -7,7 +7,7 @@ import scipy.ndimage as ndi
 import torch
 from PIL import Image
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
 from torchdefects.cli import main
 from torchdefects.demo import PatchGaussianDetector, make_surface
 

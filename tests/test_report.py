@@ -281,7 +281,8 @@ def test_errors(tmp_path):
 
 
 def test_report_of_a_real_run(tmp_path):
-    from torchdefects.runner import RunOptions, run
+    from torchdefects.batch import RunOptions
+    from torchdefects.batch import run_folder as run
 
     maps = tmp_path / "maps"
     (maps / "sub").mkdir(parents=True)

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from torchdefects.batch import RunOptions, RunSummary, calibrate_maps, run_folder
 from torchdefects.calibration import PixelThresholdCalibrator, resolve_pixel_threshold
 from torchdefects.components import connected_components
 from torchdefects.config import ConfigError, DefectsConfig, load_config, save_config
@@ -54,12 +55,15 @@ __all__ = [
     "PixelThresholdCalibrator",
     "RegionUnits",
     "Regions",
+    "RunOptions",
+    "RunSummary",
     "SeverityRules",
     "ShapeStats",
     "__version__",
     "attach",
     "binarize",
     "border_ignore",
+    "calibrate_maps",
     "closing",
     "connected_components",
     "dilate_ellipse",
@@ -92,6 +96,7 @@ __all__ = [
     "resolve_pixel_threshold",
     "roi_mask",
     "roi_stats",
+    "run_folder",
     "save_config",
     "save_scripted",
     "segf1_threshold",

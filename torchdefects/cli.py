@@ -8,29 +8,42 @@ defaults stay the single source of truth.
 
 Exit codes:
     0  success.
-    1  other failure: an unexpected error, or no input could be used.
+    1  other failure: an unexpected error, no input could be used, or a write failed for
+       a reason outside the inputs (disk full: ``run --resume`` continues).
     2  usage error: bad arguments, a bad config file, no inputs matched.
     3  some inputs failed; the others were processed and the output written
        (the summary lists the failed inputs).
-    130  interrupted (Ctrl-C).
+    130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; ``run`` leaves a state that
+         ``--resume`` continues.
+
+The codes live in :mod:`torchdefects.batch.options`; ``run``'s flags are generated from the
+fields of :class:`~torchdefects.batch.RunOptions` and :class:`~torchdefects.DefectsConfig`
+(:mod:`torchdefects._fields`).
 """
 
 import argparse
+import os
+import signal
 import sys
-import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
+
+from torchdefects.batch.options import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    RunInterrupted,
+    RunStopped,
+    RunUsageError,
+    _int_or_key,
+)
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "build_parser", "main"]
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_PARTIAL = 3
-EXIT_INTERRUPTED = 130
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: exit code 2, message without traceback."""
+#: The one usage error: exit code 2, message without traceback.
+UsageError = RunUsageError
 
 
 class CommandFailed(Exception):
@@ -40,11 +53,6 @@ class CommandFailed(Exception):
 # ----------------------------------------------------------------------------
 # Helpers shared by commands
 # ----------------------------------------------------------------------------
-
-
-def user_set(args: argparse.Namespace, *names: str) -> Dict[str, Any]:
-    """The options among ``names`` that the user set, as a dict (for ``**kwargs``)."""
-    return {n: getattr(args, n) for n in names if hasattr(args, n)}
 
 
 def resolve_device(name: str) -> str:
@@ -57,51 +65,11 @@ def resolve_device(name: str) -> str:
         raise UsageError(str(e)) from e
 
 
-class Progress:
-    """A one-line progress counter on a terminal; a few plain log lines otherwise.
-
-    No dependency: on a TTY it rewrites one line with ``\\r``; on a pipe or file it logs
-    at most every ``log_every_s`` seconds and at the end. ``quiet`` silences it.
-    """
-
-    def __init__(
-        self, label: str, total: int, quiet: bool = False, stream: Any = None, log_every_s=10.0
-    ) -> None:
-        self.label = label
-        self.total = total
-        self.quiet = quiet
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.log_every_s = log_every_s
-        self.start = time.monotonic()
-        self._last = self.start
-        self.done = 0
-
-    def update(self, done: int, note: str = "") -> None:
-        self.done = done
-        if self.quiet:
-            return
-        now = time.monotonic()
-        final = done >= self.total
-        if self.tty:
-            if final or now - self._last >= 0.1:
-                self._last = now
-                self.stream.write(f"\r{self._line(now, note)}\x1b[K")
-                self.stream.flush()
-        elif final or now - self._last >= self.log_every_s:
-            self._last = now
-            self.stream.write(self._line(now, note) + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if not self.quiet and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def _line(self, now: float, note: str) -> str:
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        line = f"{self.label}: {self.done}/{self.total} ({pct:.0f}%) {now - self.start:.1f}s"
-        return line + (f" {note}" if note else "")
+def _command(sub: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose unset options stay absent from the namespace (SUPPRESS)."""
+    return sub.add_parser(
+        name, help=summary, description=description, argument_default=argparse.SUPPRESS
+    )
 
 
 def _print(msg: str, quiet: bool = False) -> None:
@@ -115,15 +83,15 @@ def _print(msg: str, quiet: bool = False) -> None:
 
 
 def _add_calibrate(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "calibrate",
-        help="pixel threshold from normal anomaly maps (exact quantile), written to a config",
-        description=(
+        "pixel threshold from normal anomaly maps (exact quantile), written to a config",
+        (
             "Compute the pixel threshold as the q-quantile of every ROI pixel of normal "
             "anomaly maps, exactly as numpy.quantile would, streaming the maps in batches; "
             "write it with its provenance into a config file (created or updated)."
         ),
-        argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("inputs")
     g.add_argument("--maps", required=True, help="folder (recursive) or glob of normal maps")
@@ -158,10 +126,8 @@ def _add_calibrate(sub: Any) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import os
 
-    import numpy as np
-    import torch
-
-    from torchdefects.calibration import PixelThresholdCalibrator
+    from torchdefects.batch.calibrate import CalibrationFailed, calibrate_maps
+    from torchdefects.batch.progress import Progress
     from torchdefects.config import (
         ConfigError,
         read_config_dict,
@@ -169,7 +135,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         set_pixel_threshold,
         validate_config_dict,
     )
-    from torchdefects.io import MAP_EXTENSIONS, list_inputs, read_map
+    from torchdefects.files import MAP_EXTENSIONS, list_inputs
 
     quiet = args.quiet
     if args.batch_size < 1:
@@ -194,59 +160,36 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     roi = getattr(args, "roi_xyxy_norm", None)
     if roi is None:
         roi = base.roi_xyxy_norm
-    nan_policy = getattr(args, "nan_policy", "raise")
+
+    bars: dict = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in bars:
+            for bar in bars.values():
+                bar.close()
+            if bars:
+                _print("calibrate: second pass over the maps (exact order statistics)", quiet)
+            bars[label] = Progress(label, total, quiet=quiet)
+        bars[label].update(done)
+
     try:
-        cal = PixelThresholdCalibrator(
-            roi_xyxy_norm=roi, nan_policy=nan_policy, **user_set(args, "q")
+        res = calibrate_maps(
+            paths,
+            q=getattr(args, "q", None),
+            roi_xyxy_norm=roi,
+            nan_policy=getattr(args, "nan_policy", "raise"),
+            device=device,
+            batch_size=args.batch_size,
+            progress=progress,
         )
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from e
-
-    failed: List[str] = []
-    used: List[str] = []
-    progress = Progress("calibrate", len(paths), quiet=quiet)
-
-    def feed(batch: List[np.ndarray]) -> None:
-        if batch:
-            cal.update(torch.from_numpy(np.stack(batch)).to(device))
-
-    def one_pass(files: List[str], record: bool) -> None:
-        batch: List[np.ndarray] = []
-        for i, path in enumerate(files):
-            try:
-                m = read_map(path)
-                if nan_policy == "raise":
-                    n_nan = cal.count_nan(m)
-                    if n_nan:
-                        raise ValueError(f"{path}: {n_nan} NaN pixels in the ROI")
-            except (OSError, ValueError) as e:
-                if not record:
-                    raise CommandFailed(f"{path} changed between passes: {e}") from e
-                failed.append(f"{path}: {e}" if not str(e).startswith(path) else str(e))
-                progress.update(i + 1)
-                continue
-            if record:
-                used.append(path)
-            if batch and (batch[0].shape != m.shape or len(batch) >= args.batch_size):
-                feed(batch)
-                batch = []
-            batch.append(m)
-            progress.update(i + 1)
-        feed(batch)
-
-    one_pass(paths, record=True)
-    progress.close()
-    if not used:
-        listed = "\n  ".join(failed)
-        raise CommandFailed(f"none of the {len(paths)} maps could be used:\n  {listed}")
-    if not cal.is_exact():
-        # The stream's high values shifted late; a second pass with the count known is exact.
-        _print("calibrate: second pass over the maps (exact order statistics)", quiet)
-        cal.begin_second_pass()
-        progress = Progress("calibrate (pass 2)", len(used), quiet=quiet)
-        one_pass(used, record=False)
-        progress.close()
-    threshold, provenance = cal.compute()
+    except CalibrationFailed as e:
+        raise CommandFailed(str(e)) from e
+    finally:
+        for bar in bars.values():
+            bar.close()
+    threshold, provenance = res.threshold, res.provenance
 
     raw = set_pixel_threshold(
         raw,
@@ -268,12 +211,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f" -> {args.output} [{where}]",
         quiet,
     )
-    if failed:
+    if res.failed:
         print(
-            f"calibrate: {len(failed)} of {len(paths)} maps failed and were left out:",
+            f"calibrate: {len(res.failed)} of {len(paths)} maps failed and were left out:",
             file=sys.stderr,
         )
-        for f in failed:
+        for f in res.failed:
             print(f"  {f}", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
@@ -283,153 +226,43 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 # run
 # ----------------------------------------------------------------------------
 
-#: ``run`` flag (namespace name) -> DefectsConfig field it overrides.
-_RUN_OVERRIDES = {
-    "roi_xyxy_norm": "roi_xyxy_norm",
-    "defect_open_ksize": "open_ksize",
-    "defect_close_ksize": "close_ksize",
-    "defect_fill_holes": "fill_holes",
-    "defect_min_area": "min_area",
-    "defect_max_regions": "max_regions",
-    "connectivity": "connectivity",
-}
-
-
-def _int_or_key(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
-def _max_regions(text: str) -> Optional[int]:
-    if text.lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or none, got {text!r}") from None
-
 
 def _add_run(sub: Any) -> None:
-    p = sub.add_parser(
+    from torchdefects._fields import add_flags
+    from torchdefects.batch.options import RunOptions
+    from torchdefects.config import DefectsConfig
+
+    p = _command(
+        sub,
         "run",
-        help="defects for a folder of anomaly maps or images: results.jsonl, masks, overlays",
-        description=(
+        "defects for a folder of anomaly maps or images: results.jsonl, masks, overlays",
+        (
             "Run the defect head over every input, batched on the device; write one JSON "
             "record per input to OUT/results.jsonl in input order (see docs/schema.md), and "
             "optionally masks, overlays and regions.jsonl. Flags override the config file only "
-            "when given."
+            "when given. OUT is locked while the run goes on; --resume continues a run "
+            "stopped by a kill, a signal or a full disk, with the same settings."
         ),
-        argument_default=argparse.SUPPRESS,
     )
-    g = p.add_argument_group("inputs")
-    g.add_argument("--maps", metavar="DIR_OR_GLOB", help="anomaly maps (.npy .npz .pt .png .tif)")
-    g.add_argument("--images", metavar="DIR_OR_GLOB", help="images, with --detector")
-    g.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector for --images")
-    g.add_argument(
-        "--map-output",
-        type=_int_or_key,
-        metavar="INDEX_OR_KEY",
-        help="the map among the detector's outputs (tuple index or dict key)",
-    )
-    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="detector input")
-    g.add_argument("--mean", nargs="+", type=float, help="per-channel mean (images in [0, 1])")
-    g.add_argument("--std", nargs="+", type=float, help="per-channel std")
-    g.add_argument(
-        "--center-crop",
-        action="store_true",
-        help="resize to cover the input size, then center crop (else plain resize)",
-    )
-    g.add_argument(
-        "--image-size",
-        nargs=2,
-        type=int,
-        metavar=("H", "W"),
-        help="original image size of --maps (adds bbox_xyxy_image; allows --mask-space image)",
-    )
-    g = p.add_argument_group("settings (flags win over the config)")
-    g.add_argument("--config", metavar="FILE", help="config file (JSON)")
-    g.add_argument("--category", metavar="NAME", help="category of the config to use")
-    g.add_argument("--pixel-threshold", type=float, metavar="T", help="explicit pixel threshold")
-    g.add_argument(
-        "--roi-xyxy-norm", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"), help="ROI"
-    )
-    g.add_argument("--defect-open-ksize", type=int, metavar="K", help="opening (0 or odd >= 3)")
-    g.add_argument("--defect-close-ksize", type=int, metavar="K", help="closing (0 or odd >= 3)")
-    g.add_argument(
-        "--defect-fill-holes",
-        action=argparse.BooleanOptionalAction,
-        help="fill holes (--no-defect-fill-holes turns it off)",
-    )
-    g.add_argument("--defect-min-area", type=int, metavar="N", help="drop smaller regions")
-    g.add_argument(
-        "--defect-max-regions", type=_max_regions, metavar="N", help="regions kept (or none)"
-    )
-    g.add_argument("--connectivity", type=int, choices=(4, 8), help="4 or 8")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    g.add_argument(
-        "--save-masks",
-        nargs="?",
-        const="config",
-        choices=("png", "npy", "npz", "config"),
-        help="write masks under OUT/masks/ (no value: the config's mask_format, else png)",
-    )
-    g.add_argument(
-        "--mask-space",
-        choices=("anomaly_map", "image"),
-        help="masks at map size (default) or image size (nearest)",
-    )
-    g.add_argument("--save-overlays", action="store_true", help="PNG pictures in OUT/overlays/")
-    g.add_argument("--regions-jsonl", action="store_true", help="also OUT/regions.jsonl")
-    g.add_argument("--resume", action="store_true", help="skip inputs already recorded")
-    g.add_argument("--overwrite", action="store_true", help="replace earlier results in OUT")
-    g = p.add_argument_group("execution")
-    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--batch-size", type=int, help="inputs per batch (default 16)")
-    g.add_argument("--num-workers", type=int, help="loader processes (default 0)")
-    g.add_argument("--quiet", action="store_true", help="no progress output")
-    p.set_defaults(func=_cmd_run)
+    titles = ("inputs", "settings (flags win over the config)", "pyimgano-compatible", "output")
+    groups = {t: p.add_argument_group(t) for t in (*titles, "execution")}
+    run_fields = add_flags(p, RunOptions, groups)
+    settings = groups.get("settings (flags win over the config)")
+    # A DefectsConfig field that is also a RunOptions field (pixel_threshold, mask_format)
+    # has its flag there.
+    config_fields = add_flags(p, DefectsConfig, groups, default_group=settings, skip=run_fields)
+    p.set_defaults(func=_cmd_run, _run_fields=run_fields, _config_fields=config_fields)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from torchdefects.runner import RunOptions, RunUsageError, run
+    from torchdefects._fields import user_values
+    from torchdefects.batch import RunOptions, run_folder
 
-    direct = user_set(
-        args,
-        "maps",
-        "images",
-        "detector",
-        "map_output",
-        "mean",
-        "std",
-        "center_crop",
-        "config",
-        "category",
-        "pixel_threshold",
-        "save_masks",
-        "mask_space",
-        "save_overlays",
-        "regions_jsonl",
-        "device",
-        "batch_size",
-        "num_workers",
-        "resume",
-        "overwrite",
-        "quiet",
-    )
-    for name in ("input_size", "image_size"):
-        if hasattr(args, name):
-            direct[name] = tuple(getattr(args, name))
-    overrides = {
-        field: v for flag, field in _RUN_OVERRIDES.items() for v in user_set(args, flag).values()
-    }
-    try:
-        summary = run(RunOptions(out=args.out, overrides=overrides, **direct))
-    except RunUsageError as e:
-        raise UsageError(str(e)) from e
-    print(summary.line(), file=sys.stderr)
+    direct = user_values(args, args._run_fields)
+    overrides = user_values(args, args._config_fields)
+    summary = run_folder(RunOptions(overrides=overrides, **direct))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.line(), file=sys.stderr)
     return summary.exit_code
 
 
@@ -439,15 +272,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "export",
-        help="write the scripted head (or detector + head) with its config embedded",
-        description=(
+        "write the scripted head (or detector + head) with its config embedded",
+        (
             "Script DefectHead for the config (and category), optionally behind a TorchScript "
             "detector, and save it with the config and threshold provenance embedded; "
             "torch.jit.load reads it without torchdefects."
         ),
-        argument_default=argparse.SUPPRESS,
     )
     p.add_argument("--config", required=True, metavar="FILE", help="config file (JSON)")
     p.add_argument("--category", metavar="NAME", help="category of the config to use")
@@ -498,10 +331,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
-        help="the whole job on made-up textured parts with planted defects (no download)",
-        description=(
+        "the whole job on made-up textured parts with planted defects (no download)",
+        (
             "Make normal and defective textured surfaces, fit a patch-Gaussian detector on "
             "the normal ones, calibrate the pixel threshold on normal maps, run the batch on "
             "the test images, write masks and overlays, and count the planted defects found."
@@ -546,32 +380,56 @@ def build_parser(
     return parser
 
 
+def _on_signal(signum: int, _: Any) -> None:
+    raise RunInterrupted(signum)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; return the exit code (see the module docstring)."""
-    parser = build_parser()
+    # From here on SIGINT and SIGTERM end with one line, never a traceback.
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    prog = "torchdefects"
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors
-        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    prog = f"torchdefects {args.command}"
-    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # argparse: 0 for --help/--version, 2 for usage errors
+            return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+        func = getattr(args, "func", None)
+        if func is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        prog = f"torchdefects {args.command}"
         return int(func(args))
-    except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except CommandFailed as e:
-        print(f"{prog}: failed: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    except RunInterrupted as e:
+        name = signal.Signals(e.signum).name
+        hint = ""
+        if prog == "torchdefects run":
+            hint = "; the results so far are kept: rerun the same command with --resume"
+        print(f"{prog}: interrupted by {name}{hint}", file=sys.stderr)
+        code = EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        if argv is None:
+            # A process told to stop: the journal is consistent and the lock released, so
+            # skip the interpreter's teardown (torch's takes seconds on a busy machine).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CommandFailed, RunStopped) as e:
+        print(f"{prog}: failed: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as e:
         print(f"{prog}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ class DefectsConfig:
         True,
         "produce defects (masks and regions); false turns the defects block off, as in pyimgano",
         flag="--defects",
+        cli=False,  # run's own --defects/--no-defects (RunOptions.defects) sets it
         group="defects",
         oracle="-",
     )
@@ -213,6 +214,7 @@ class DefectsConfig:
             "help": "region of interest [x1, y1, x2, y2] in [0, 1] (clamped, reordered); "
             "null: whole map",
             "group": "roi",
+            "metavar": ("X1", "Y1", "X2", "Y2"),
             "oracle": "numpy slicing floor(x1 W)..ceil(x2 W)-1",
         },
     )
@@ -1078,7 +1080,7 @@ def save_config(config_or_dict: Union[DefectsConfig, Dict[str, Any]], path: str)
     Raises:
         ConfigError: the config is invalid (nothing is written).
     """
-    from torchdefects.io import atomic_write_json
+    from torchdefects.files import atomic_write_json
 
     if isinstance(config_or_dict, DefectsConfig):
         config_or_dict.validate()

@@ -6,8 +6,9 @@
 2. Fit :class:`PatchGaussianDetector` on the normal ones: a Gaussian over 7x7 patches,
    the anomaly score of a pixel is the Mahalanobis distance of its patch.
 3. Calibrate the pixel threshold on held-out normal maps
-   (:class:`~torchdefects.calibration.PixelThresholdCalibrator`) and save the config.
-4. Run the batch (:func:`torchdefects.runner.run`, the code of ``torchdefects run``) on the
+   (:func:`~torchdefects.batch.calibrate_maps`, the code of ``torchdefects calibrate``)
+   and save the config.
+4. Run the batch (:func:`torchdefects.batch.run_folder`, the code of ``torchdefects run``) on the
    test images with the scripted detector: results.jsonl, masks, overlays.
 5. Count the planted defects the regions hit and the regions that hit nothing.
 """
@@ -214,9 +215,8 @@ def run_demo(
     """Make data, fit, calibrate, run the batch, score against the planted defects."""
     from PIL import Image
 
-    from torchdefects.calibration import PixelThresholdCalibrator
+    from torchdefects.batch import PREPROCESS_EXTRA_FILE, RunOptions, calibrate_maps, run_folder
     from torchdefects.config import DefectsConfig, save_config
-    from torchdefects.runner import PREPROCESS_EXTRA_FILE, RunOptions, run
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -236,14 +236,10 @@ def run_demo(
     calib = to_tensor([make_surface(rng, size) for _ in range(n_calib)])
     detector = PatchGaussianDetector.fit(train)
 
-    calibrator = PixelThresholdCalibrator(q=0.9999)
     with torch.inference_mode():
         calib_maps = detector(calib)
-    calibrator.update(calib_maps)
-    if not calibrator.is_exact():
-        calibrator.begin_second_pass()
-        calibrator.update(calib_maps)
-    threshold, provenance = calibrator.compute()
+    cal = calibrate_maps(list(calib_maps[:, 0]), q=0.9999, batch_size=len(calib_maps))
+    threshold, provenance = cal.threshold, cal.provenance
 
     cfg = DefectsConfig(
         pixel_threshold=float(threshold),
@@ -287,7 +283,7 @@ def run_demo(
             Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(os.path.join(gt_dir, name))
 
     results_dir = os.path.join(out, "results")
-    summary = run(
+    summary = run_folder(
         RunOptions(
             out=results_dir,
             images=test_dir,
@@ -303,7 +299,7 @@ def run_demo(
         )
     )
 
-    from torchdefects.io import read_jsonl
+    from torchdefects.files import read_jsonl
 
     planted = hit = regions = false_regions = 0
     for rec in read_jsonl(os.path.join(results_dir, "results.jsonl")).records:

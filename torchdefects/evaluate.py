@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from torchdefects import io as _files
+from torchdefects import files as _files
 from torchdefects._check import check_device
 from torchdefects.config import DefectsConfig, load_config
 from torchdefects.metrics import DefectMetrics

@@ -666,7 +666,7 @@ def write_report(
     parts.append("</section></main>")
     parts.append(f"<script>{_JS}</script></body></html>\n")
 
-    from torchdefects.io import atomic_write_text
+    from torchdefects.files import atomic_write_text
 
     path = os.path.join(out_dir, "report.html")
     atomic_write_text(path, "".join(parts))

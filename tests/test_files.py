@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from torchdefects import io as tio
+from torchdefects import files as tio
 
 
 def _read(path):

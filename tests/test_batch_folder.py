@@ -1,4 +1,8 @@
-"""torchdefects.runner: end to end on temp folders, against DefectHead called directly."""
+"""torchdefects.batch.run_folder: end to end on temp folders, against DefectHead called directly.
+
+Floats in records are the shortest text that reads back to the same float32; the oracle
+here is NumPy's own shortest repr of a float32 (``str(np.float32(v))``).
+"""
 
 import dataclasses
 import json
@@ -10,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from torchdefects import io as tdio
+from torchdefects import files as tdio
+from torchdefects.batch import RunOptions, RunUsageError
+from torchdefects.batch import run_folder as run
 from torchdefects.config import DefectsConfig
-from torchdefects.runner import ImageSpace, RunOptions, RunUsageError, run
+from torchdefects.geometry import ImageSpace
 
 CFG = DefectsConfig(
     pixel_threshold=0.6, open_ksize=3, close_ksize=0, fill_holes=True, min_area=2, connectivity=8
@@ -51,6 +57,10 @@ def _records(out):
     return tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
 
 
+def _f32(v):
+    return float(str(np.float32(v)))
+
+
 def _expected(cfg, a):
     """Regions and mask of one map from the head itself."""
     from torchdefects.head import DefectHead
@@ -62,13 +72,13 @@ def _expected(cfg, a):
             "id": int(r.label[j]),
             "bbox_xyxy": [int(v) for v in r.bbox_xyxy[j].tolist()],
             "area": int(r.area[j]),
-            "centroid_xy": [float(v) for v in r.centroid_xy[j].tolist()],
-            "score_max": float(r.score_max[j]),
-            "score_mean": float(r.score_mean[j]),
+            "centroid_xy": [_f32(v) for v in r.centroid_xy[j].tolist()],
+            "score_max": _f32(r.score_max[j]),
+            "score_mean": _f32(r.score_mean[j]),
         }
         for j in range(r.label.shape[0])
     ]
-    return regions, d.mask[0, 0].numpy(), float(d.roi_max[0]), float(d.roi_mean[0])
+    return regions, d.mask[0, 0].numpy(), _f32(d.roi_max[0]), _f32(d.roi_mean[0])
 
 
 def _read_mask(out, mask):
@@ -192,7 +202,7 @@ def test_mixed_sizes_masks_and_regions_jsonl(tmp_path, fmt):
         assert rec["defects"]["mask"]["encoding"] == tdio.MASK_ENCODINGS[fmt]
         assert rec["defects"]["mask"]["path"].endswith(tdio.MASK_EXTENSIONS[fmt])
         np.testing.assert_array_equal(_read_mask(out, rec["defects"]["mask"]), mask)
-        expected_lines += [{"input": rec["input"], **r} for r in regions]
+        expected_lines += [{"index": rec["index"], "input": rec["input"], **r} for r in regions]
     assert lines == expected_lines
     for line in lines:
         rv.validate(line)
@@ -365,20 +375,6 @@ def test_image_space_resize(tmp_path):
         x1, y1, x2, y2 = want["bbox_xyxy"]
         assert got["bbox_xyxy"] == want["bbox_xyxy"]
         assert got["bbox_xyxy_image"] == [2 * x1, 3 * y1, 2 * x2 + 1, 3 * y2 + 2]
-
-
-def test_image_space_center_crop_mapping():
-    # Image 100 x 200 (h, w) -> cover 50 x 50 at scale 0.5: 50 x 100, crop columns 25..74.
-    sp = ImageSpace.make((25, 25), (100, 200), True, (50, 50))
-    assert sp.resized == (50, 100) and sp.crop_offset_xy == (25, 0)
-    assert sp.bbox_to_image([0, 0, 24, 24]) == [50, 0, 149, 99]
-    assert sp.bbox_to_image([3, 4, 3, 4]) == [(2 * 3 + 25) * 2, 16, (2 * 4 + 25) * 2 - 1, 19]
-    m = np.zeros((25, 25), bool)
-    m[0, 0] = True
-    img = sp.mask_to_image(m)
-    ys, xs = np.nonzero(img)
-    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (0, 3, 50, 53)
-    assert sp.mask_to_image(np.ones((25, 25), bool)).sum() == 100 * 100
 
 
 class _Det(torch.nn.Module):

@@ -1,0 +1,90 @@
+"""torchdefects.batch.records: each record kind against the JSON Schema and its oracles."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from torchdefects.batch import records
+
+
+def _validator(kind=None):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = records.record_schema()
+    if kind is not None:
+        schema = {**schema, "oneOf": [{"$ref": f"#/$defs/{kind}"}]}
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_f32_is_the_shortest_text_of_the_same_float32():
+    rng = np.random.default_rng(0)
+    values = np.concatenate(
+        [
+            rng.random(2000).astype(np.float32),
+            (rng.standard_normal(2000) * 1e6).astype(np.float32),
+            np.float32([0.9, 0.1, 1e-8, 3.4e38, -0.0, 1.0, 2**-140, 16777217]),
+        ]
+    )
+    for v in values:
+        got = records.f32(float(v))
+        # Oracle: NumPy's repr of a float32 is the shortest round-tripping text.
+        assert got == float(str(v))
+        assert np.float32(got) == v  # reads back to the same float32
+        assert json.loads(json.dumps(got)) == got
+    assert records.f32(0.8999999761581421) == 0.9
+    assert records.f32(None) is None and records.f32(float("nan")) is None
+    assert records.f32(math.inf) is None
+
+
+@pytest.mark.parametrize(
+    "roi_max,n,thr,want",
+    [
+        (0.4, 0, None, (0.4, "roi_max", 0)),
+        (0.4, 2, None, (0.4, "roi_max", 1)),
+        (0.4, 2, 0.5, (0.4, "roi_max", 0)),  # the image threshold decides, not the regions
+        (0.5, 0, 0.5, (0.5, "roi_max", 1)),
+        (None, 0, 0.5, (None, "roi_max", 0)),  # empty ROI: no score, not defective
+    ],
+)
+def test_image_score_label(roi_max, n, thr, want):
+    assert records.image_score_label(roi_max, n, thr) == want
+
+
+def test_error_records_and_transient_kinds():
+    v = _validator()
+    for etype in records.ERROR_TYPES:
+        rec = records.error_record(4, "x.npy", etype, "why")
+        v.validate(rec)
+        assert rec["error"]["transient"] is (etype in records.TRANSIENT_ERROR_TYPES)
+    assert records.TRANSIENT_ERROR_TYPES == ("out_of_memory",)
+    jsonschema = pytest.importorskip("jsonschema")
+    with pytest.raises(jsonschema.ValidationError):
+        v.validate({"index": 0, "input": "x", "error": {"type": "nope", "message": "",
+                                                        "transient": False}})  # fmt: skip
+
+
+def test_result_record_with_and_without_defects():
+    v = _validator()
+    cols = {"label": [1, 2], "bbox_xyxy": [[0, 0, 1, 1], [2, 2, 3, 3]], "area": [4, 4],
+            "centroid_xy": [[0.5, 0.5], [2.5, 2.5]], "score_max": [0.9, 0.8],
+            "score_mean": [0.7, 0.6]}  # fmt: skip
+    common = dict(index=1, path="a.npy", map_shape=(4, 4), image_size=None, space=None,
+                  threshold=0.5, provenance={"source": "explicit"}, roi_max=0.9,
+                  roi_mean=0.3, start=1, count=1, image_threshold=None)  # fmt: skip
+    rec = records.result_record(cols=cols, **common)
+    v.validate(rec)
+    assert rec["defects"]["regions"] == [
+        {"id": 2, "bbox_xyxy": [2, 2, 3, 3], "area": 4, "centroid_xy": [2.5, 2.5],
+         "score_max": 0.8, "score_mean": 0.6}
+    ]  # fmt: skip
+    assert rec["label"] == 1 and rec["score"] == 0.9
+    rec["defects"]["mask"] = records.mask_block("masks/a.png", (4, 4), "png_0_255", "anomaly_map")
+    v.validate(rec)
+    assert rec["defects"]["mask"]["dtype"] == "uint8"
+    off = records.result_record(cols=None, **common)
+    v.validate(off)
+    assert "defects" not in off and off["label"] is None and off["score"] == 0.9
+    line = records.region_line(rec, rec["defects"]["regions"][0])
+    _validator("region_line").validate(line)
+    assert records.dumps({"a": float("nan")}) == '{"a":null}'

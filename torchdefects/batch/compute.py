@@ -1,0 +1,180 @@
+"""The device part of a run: detector, head, and the records of a batch.
+
+One head call per shape group; a group that runs out of device memory is run again one
+input at a time, and an input that alone runs out gets a transient ``out_of_memory``
+error record. Records are built by :mod:`~torchdefects.batch.records`.
+"""
+
+import os
+from typing import Any, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from torchdefects import files
+from torchdefects.batch.data import Batch, Group
+from torchdefects.batch.options import RunOptions, RunUsageError
+from torchdefects.batch.records import error_record, result_record
+from torchdefects.batch.writer import Job
+from torchdefects.geometry import ImageSpace
+
+__all__ = ["Compute", "maps_of", "select_map"]
+
+
+def select_map(out: Any, key: Optional[Union[int, str]]) -> Tensor:
+    if isinstance(out, Tensor):
+        if key is not None and not isinstance(key, int):
+            raise RunUsageError(f"--map-output {key!r}: the detector returns a tensor")
+        return out
+    if isinstance(out, dict):
+        if key is None:
+            if len(out) != 1:
+                raise RunUsageError(
+                    f"the detector returns a dict with keys {sorted(out)}; pick one with "
+                    "--map-output KEY"
+                )
+            return next(iter(out.values()))
+        if str(key) not in out:
+            raise RunUsageError(f"--map-output {key!r}: the detector's keys are {sorted(out)}")
+        return out[str(key)]
+    if isinstance(out, (tuple, list)):
+        if key is None:
+            if len(out) != 1:
+                raise RunUsageError(
+                    f"the detector returns {len(out)} outputs; pick one with --map-output INDEX"
+                )
+            return out[0]
+        if not isinstance(key, int) or not -len(out) <= key < len(out):
+            raise RunUsageError(
+                f"--map-output {key!r}: the detector returns {len(out)} outputs (index them)"
+            )
+        return out[key]
+    raise RunUsageError(f"the detector returned {type(out).__name__}, not a tensor/tuple/dict")
+
+
+def maps_of(out: Any, key: Optional[Union[int, str]], batch: int) -> Tensor:
+    maps = select_map(out, key)
+    if maps.dim() == 3:
+        maps = maps.unsqueeze(1)
+    if maps.dim() != 4 or maps.shape[1] != 1 or maps.shape[0] != batch:
+        raise ValueError(f"the detector's map must be (B, 1, H, W), got {list(maps.shape)}")
+    return maps if maps.is_floating_point() else maps.float()
+
+
+_REGION_COLUMNS = ("label", "bbox_xyxy", "area", "centroid_xy", "score_max", "score_mean")
+
+
+class Compute:
+    """Runs groups through the detector and head and turns them into writer jobs.
+
+    Args:
+        opts: the run's options.
+        plan: a :class:`~torchdefects.batch.plan.Plan` (config, device, detector, names).
+    """
+
+    def __init__(self, opts: RunOptions, plan: Any) -> None:
+        from torchdefects.head import DefectHead
+
+        self.opts = opts
+        self.plan = plan
+        self.head = DefectHead(plan.cfg).to(plan.device).eval() if plan.defects else None
+        roi = plan.cfg.roi_xyxy_norm
+        self.roi = (
+            None if roi is None else torch.tensor(roi, dtype=torch.float32, device=plan.device)
+        )
+
+    def batch(self, batch: Batch) -> List[Job]:
+        paths = self.plan.paths
+        jobs = [Job(i, error_record(i, paths[i], t, m)) for i, t, m in batch.errors]
+        for g in batch.groups:
+            jobs.extend(self._group(g))
+        jobs.sort(key=lambda j: j.index)
+        return jobs
+
+    def _group(self, g: Group) -> List[Job]:
+        try:
+            return self._run(g)
+        except RunUsageError:
+            raise
+        except torch.OutOfMemoryError:
+            if len(g.indices) == 1:
+                return [self._error(g.indices[0], "out_of_memory", "out of memory")]
+        except Exception as e:
+            return [self._error(i, self._etype(), f"{type(e).__name__}: {e}") for i in g.indices]
+        # Out of memory on a sub-batch: each input alone before any is marked failed.
+        self._free()
+        jobs = []
+        for k in range(len(g.indices)):
+            one = Group([g.indices[k]], g.batch[k : k + 1], [g.image_sizes[k]], [g.sources[k]])
+            jobs.extend(self._group(one))
+            self._free()
+        return jobs
+
+    def _free(self) -> None:
+        if self.plan.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _etype(self) -> str:
+        return "detector_error" if self.plan.detector is not None else "head_error"
+
+    def _error(self, index: int, etype: str, message: str) -> Job:
+        return Job(index, error_record(index, self.plan.paths[index], etype, message))
+
+    def _run(self, g: Group) -> List[Job]:
+        plan, opts = self.plan, self.opts
+        x = g.batch.to(plan.device, non_blocking=True)
+        maps = (
+            maps_of(plan.detector(x), opts.map_output, x.shape[0]) if plan.detector else x[:, None]
+        )
+        h, w = int(maps.shape[2]), int(maps.shape[3])
+        cols = None
+        mask = None
+        if self.head is not None:
+            d = self.head(maps)
+            counts = d.num_regions.cpu().tolist()
+            rmax, rmean = d.roi_max.cpu().tolist(), d.roi_mean.cpu().tolist()
+            r = d.regions
+            cols = {k: getattr(r, k).cpu().tolist() for k in _REGION_COLUMNS}
+            if plan.mask_dir is not None or plan.overlay_dir is not None:
+                mask = d.mask[:, 0].cpu().numpy()
+        else:
+            from torchdefects.roi import roi_stats
+
+            mx, mn = roi_stats(maps, self.roi)
+            rmax, rmean = mx.cpu().tolist(), mn.cpu().tolist()
+            counts = [0] * len(g.indices)
+        jobs = []
+        start = 0
+        for k, index in enumerate(g.indices):
+            space, img_size = self._space(g.image_sizes[k], h, w)
+            rec = result_record(
+                index=index, path=plan.paths[index], map_shape=(h, w), image_size=img_size,
+                space=space, threshold=plan.threshold or 0.0, provenance=plan.provenance or {},
+                roi_max=rmax[k], roi_mean=rmean[k], cols=cols, start=start, count=int(counts[k]),
+                image_threshold=plan.cfg.image_threshold,
+            )  # fmt: skip
+            start += int(counts[k])
+            job = Job(index, rec, space=space)
+            name = plan.names[index]
+            if mask is not None:
+                job.mask = mask[k]
+            if plan.mask_dir is not None and plan.mask_format is not None:
+                job.mask_path = os.path.join(
+                    plan.mask_dir, name + files.MASK_EXTENSIONS[plan.mask_format]
+                )
+            if plan.overlay_dir is not None and cols is not None:
+                job.overlay_path = os.path.join(plan.overlay_dir, name + ".png")
+                job.source = g.sources[k]
+                job.source_is_image = plan.detector is not None
+            jobs.append(job)
+        return jobs
+
+    def _space(self, img_size: Any, h: int, w: int) -> Tuple[Optional[ImageSpace], Any]:
+        opts, prep = self.opts, self.plan.prep
+        if img_size is None and opts.image_size is not None:
+            img_size = (int(opts.image_size[0]), int(opts.image_size[1]))
+        if img_size is None:
+            return None, None
+        crop = bool(opts.center_crop) if prep is None else prep.center_crop
+        in_size = opts.input_size if prep is None else prep.input_size
+        return ImageSpace.make((h, w), img_size, crop, in_size), img_size

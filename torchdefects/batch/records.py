@@ -1,0 +1,179 @@
+"""Every record a run writes, built here and only here, beside its JSON Schema.
+
+Kinds (``record_schema.json``, docs/schema.md): a **result** (one input's defects), an
+**error record** (why an input has no result; ``transient`` errors are retried by
+``--resume``), a **region line** of ``regions.jsonl``, and the **mask block** inside a
+result. Floats measured on float32 maps are written as the shortest text that reads back
+to the same float32 (``0.9``, not ``0.8999999761581421``).
+
+Example:
+    >>> error_record(3, "a.npy", "unreadable", "a.npy: not a map")["error"]["transient"]
+    False
+    >>> f32(0.8999999761581421)
+    0.9
+"""
+
+import json
+from importlib import resources
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from torchdefects.files import json_safe, mask_encoding
+
+__all__ = [
+    "ERROR_TYPES",
+    "TRANSIENT_ERROR_TYPES",
+    "dumps",
+    "error_record",
+    "f32",
+    "image_score_label",
+    "mask_block",
+    "record_schema",
+    "region_line",
+    "result_record",
+]
+
+#: Error types of the input itself (recorded, not retried) and of the moment (retried).
+ERROR_TYPES: Tuple[str, ...] = (
+    "file_not_found",
+    "unreadable",
+    "bad_shape",
+    "empty_map",
+    "nan_map",
+    "detector_error",
+    "head_error",
+    "write_error",
+    "out_of_memory",
+)
+TRANSIENT_ERROR_TYPES: Tuple[str, ...] = ("out_of_memory",)
+
+
+def _mask_dtype(encoding: str) -> str:
+    """The dtype a mask file of this encoding decodes to (``files.mask_encoding`` owns it)."""
+    fmt, _, rest = encoding.partition("_")
+    return mask_encoding(fmt, "bool" if rest == "bool" else "uint8").dtype
+
+
+def f32(x: Optional[float]) -> Optional[float]:
+    """The shortest float that reads back to the same float32 as ``x`` (None stays)."""
+    if x is None:
+        return None
+    v = np.float32(x)
+    if not np.isfinite(v):
+        return None
+    return float(np.format_float_positional(v, unique=True, trim="0"))
+
+
+def image_score_label(
+    roi_max: Optional[float], num_regions: int, image_threshold: Optional[float]
+) -> Tuple[Optional[float], str, int]:
+    """(score, score_source, label) of one image.
+
+    The score is the ROI max of the map (``"roi_max"``) until the head returns the
+    detector's image score (``Defects.image_score``); the label is 1 when the score reaches
+    ``image_threshold`` if one is set, else when any region is reported.
+    """
+    score = f32(roi_max)
+    if image_threshold is not None:
+        label = int(score is not None and score >= np.float32(image_threshold))
+    else:
+        label = int(num_regions > 0)
+    return score, "roi_max", label
+
+
+def mask_block(path: str, shape: Sequence[int], encoding: str, space: str) -> Dict[str, Any]:
+    """Where an input's mask file is and how to read it."""
+    return {
+        "path": path,
+        "shape": [int(shape[0]), int(shape[1])],
+        "dtype": _mask_dtype(encoding),
+        "encoding": encoding,
+        "space": space,
+    }
+
+
+def _regions(cols: Dict[str, List[Any]], start: int, n: int, space: Any) -> List[Dict[str, Any]]:
+    out = []
+    for j in range(start, start + n):
+        reg: Dict[str, Any] = {
+            "id": int(cols["label"][j]),
+            "bbox_xyxy": [int(v) for v in cols["bbox_xyxy"][j]],
+            "area": int(cols["area"][j]),
+            "centroid_xy": [f32(v) for v in cols["centroid_xy"][j]],
+            "score_max": f32(cols["score_max"][j]),
+            "score_mean": f32(cols["score_mean"][j]),
+        }
+        if space is not None:
+            reg["bbox_xyxy_image"] = space.bbox_to_image(reg["bbox_xyxy"])
+        out.append(reg)
+    return out
+
+
+def result_record(
+    *,
+    index: int,
+    path: str,
+    map_shape: Tuple[int, int],
+    image_size: Optional[Tuple[int, int]],
+    space: Any,
+    threshold: float,
+    provenance: Dict[str, Any],
+    roi_max: Optional[float],
+    roi_mean: Optional[float],
+    cols: Optional[Dict[str, List[Any]]],
+    start: int,
+    count: int,
+    image_threshold: Optional[float],
+) -> Dict[str, Any]:
+    """One input's result; ``cols`` (flat region columns of the batch, from the head) is
+    ``None`` when defects are off, and then the record has no ``defects`` block."""
+    score, source, label = image_score_label(roi_max, count, image_threshold)
+    rec: Dict[str, Any] = {
+        "index": int(index),
+        "input": path,
+        "anomaly_map": {"shape": [int(map_shape[0]), int(map_shape[1])]},
+        "image_size": list(image_size) if image_size is not None else None,
+        "score": score,
+        "score_source": source,
+        "label": label if cols is not None or image_threshold is not None else None,
+    }
+    if cols is None:
+        return rec
+    space_json: Dict[str, Any] = {"type": "anomaly_map", "shape": list(rec["anomaly_map"]["shape"])}
+    if space is not None:
+        space_json["to_image"] = space.to_json()
+    rec["defects"] = {
+        "space": space_json,
+        "pixel_threshold": threshold,
+        "pixel_threshold_provenance": provenance,
+        "map_stats_roi": {"max": f32(roi_max), "mean": f32(roi_mean)},
+        "mask": None,
+        "regions": _regions(cols, start, count, space),
+    }
+    return rec
+
+
+def error_record(index: int, path: str, etype: str, message: str) -> Dict[str, Any]:
+    """Why input ``index`` has no result; ``transient`` says ``--resume`` retries it."""
+    return {
+        "index": int(index),
+        "input": path,
+        "error": {"type": etype, "message": message, "transient": etype in TRANSIENT_ERROR_TYPES},
+    }
+
+
+def region_line(record: Dict[str, Any], region: Dict[str, Any]) -> Dict[str, Any]:
+    """One line of ``regions.jsonl``: the region with its input's index and path."""
+    return {"index": record["index"], "input": record["input"], **region}
+
+
+def dumps(obj: Dict[str, Any]) -> str:
+    """One compact JSON line (no NaN: it is written as null)."""
+    return json.dumps(json_safe(obj), allow_nan=False, separators=(",", ":"))
+
+
+def record_schema() -> Dict[str, Any]:
+    """The JSON Schema of ``results.jsonl`` lines (``$defs/region_line`` for regions)."""
+    text = resources.files("torchdefects").joinpath("record_schema.json").read_text()
+    return json.loads(text)
