@@ -428,7 +428,7 @@ def test_save_masks_dir_overlays_dir_mask_format_and_infer_config(tmp_path):
              "--config", str(cfg), "--save-masks", "--save-overlays"]  # fmt: skip
     assert main(args2) == 0
     assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["path"].startswith("masks/")
-    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["encoding"] == "npz_bool"
+    assert _recs(tmp_path / "o2")[0]["defects"]["mask"]["encoding"] == "npz_uint8_0_255"
     assert len(os.listdir(tmp_path / "o2" / "overlays")) == 3
 
 

@@ -821,7 +821,16 @@ def test_field_metadata_convention():
             continue
         meta = f.metadata
         assert isinstance(meta["help"], str) and meta["help"], f.name
-        assert set(meta) <= {"help", "flag", "aliases", "choices", "group", "cli", "oracle", "metavar"}
+        assert set(meta) <= {
+            "help",
+            "flag",
+            "aliases",
+            "choices",
+            "group",
+            "cli",
+            "oracle",
+            "metavar",
+        }
         if meta.get("cli", True):
             for flag in (field_flag(f), *meta.get("aliases", ())):
                 assert flag.startswith("--") and flag not in flags, flag

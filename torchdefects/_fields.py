@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 __all__ = ["FieldFlag", "add_flags", "field_flags", "flags_table", "user_values"]
 
+
 class FieldFlag(typing.NamedTuple):
     """One dataclass field as a command-line flag."""
 
