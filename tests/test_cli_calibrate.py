@@ -223,3 +223,40 @@ def test_python_m_torchdefects(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "pixel_threshold = " in r.stderr and "calibrate: 9/9" in r.stderr
     assert _read(out)["defects"]["pixel_threshold"] == _oracle(arrays, 0.95)
+
+
+def test_calibrate_segf1_from_gt_masks(tmp_path, capsys):
+    """--strategy segf1: the threshold of best pixel F1 (sklearn's curve, lowest on ties)."""
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(3)
+    maps_dir, gt_dir = tmp_path / "maps", tmp_path / "gt"
+    maps_dir.mkdir()
+    gt_dir.mkdir()
+    values, labels = [], []
+    for i in range(4):
+        m = rng.random((12, 10)).astype(np.float32)
+        gt = np.zeros((12, 10), bool)
+        if i % 2:
+            gt[3:7, 2:6] = True
+            m[gt] += 0.6 * rng.random(int(gt.sum())).astype(np.float32)
+            Image.fromarray((gt * 255).astype(np.uint8)).save(gt_dir / f"m{i}.png")
+        np.save(maps_dir / f"m{i}.npy", m)
+        values.append(m.ravel())
+        labels.append(gt.ravel())
+    out = tmp_path / "cfg.json"
+    args = ["calibrate", "--maps", str(maps_dir), "--strategy", "segf1", "--gt-masks",
+            str(gt_dir), "--image-strategy", "f1", "-o", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    precision, recall, thresholds = precision_recall_curve(
+        np.concatenate(labels), np.concatenate(values).astype(np.float64)
+    )
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-300)
+    best = thresholds[np.flatnonzero(f1[:-1] == f1[:-1].max())[0]]
+    cfg = load_config(str(out))
+    assert cfg.pixel_threshold == pytest.approx(float(np.float32(best)), rel=0, abs=0)
+    assert cfg.pixel_threshold_provenance["method"] == "supervised_segf1"
+    assert cfg.image_threshold is not None
+    assert cfg.image_threshold_provenance["method"] == "image_f1"
+    assert main([*args[:5], "-o", str(out)]) == 2  # segf1 without --gt-masks
+    assert "--gt-masks" in capsys.readouterr().err

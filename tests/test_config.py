@@ -29,6 +29,7 @@ FULL = {
         "connectivity": 8,
         "mask_format": "png",
         "image_threshold": None,
+        "image_threshold_provenance": None,
     },
     "per_category": {
         "bottle": {"defects": {"pixel_threshold": 0.61, "roi_xyxy_norm": [0, 0, 1, 0.8]}},
@@ -393,6 +394,7 @@ PLAN_DEFECTS_FLAT = {
     "max_regions_sort_by": "score_max",
     "max_regions": None,
     "image_threshold": None,
+    "image_threshold_provenance": None,
     "mask_format": "npz",
 }
 

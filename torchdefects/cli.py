@@ -25,7 +25,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from torchdefects.batch.options import (
     EXIT_FAILURE,
@@ -38,6 +38,11 @@ from torchdefects.batch.options import (
     RunStopped,
     RunUsageError,
     _int_or_key,
+)
+from torchdefects.evaluate import (
+    add_evaluate_command,
+    add_supervised_calibrate_arguments,
+    run_supervised_calibrate,
 )
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "build_parser", "main"]
@@ -120,6 +125,7 @@ def _add_calibrate(sub: Any) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--batch-size", type=int, default=32, help="maps per batch (default 32)")
     g.add_argument("--quiet", action="store_true", default=False, help="no progress output")
+    add_supervised_calibrate_arguments(p)
     p.set_defaults(func=_cmd_calibrate)
 
 
@@ -160,6 +166,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     roi = getattr(args, "roi_xyxy_norm", None)
     if roi is None:
         roi = base.roi_xyxy_norm
+    if getattr(args, "strategy", "normal_quantile") == "segf1":
+        return _calibrate_supervised(args, raw, device, category)
+    if hasattr(args, "gt_masks") or hasattr(args, "image_strategy"):
+        raise UsageError("--gt-masks and --image-strategy go with --strategy segf1")
 
     bars: dict = {}
 
@@ -219,6 +229,33 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         for f in res.failed:
             print(f"  {f}", file=sys.stderr)
         return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def _calibrate_supervised(
+    args: argparse.Namespace, raw: Dict[str, Any], device: str, category: Optional[str]
+) -> int:
+    """``calibrate --strategy segf1``: thresholds from labelled defects (docs/evaluation.md)."""
+    from torchdefects.config import ConfigError, save_config
+
+    args.device = device
+    try:
+        raw = run_supervised_calibrate(args, raw)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    try:
+        save_config(raw, args.output)
+    except ConfigError as e:
+        raise CommandFailed(str(e)) from e
+    block = raw["defects"] if category is None else raw["per_category"][category]["defects"]
+    prov = block["pixel_threshold_provenance"]
+    line = (
+        f"calibrate: pixel_threshold = {block['pixel_threshold']!r} (segf1, pixel F1 "
+        f"{prov.get('f1')}) -> {args.output}"
+    )
+    if block.get("image_threshold") is not None:
+        line += f"; image_threshold = {block['image_threshold']!r}"
+    _print(line, args.quiet)
     return EXIT_OK
 
 
@@ -360,7 +397,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 #: One function per command: ``f(subparsers)`` adds its parser and sets ``func``.
 #: Add a command by writing ``_add_<name>`` and appending it here.
-_COMMANDS: List[Callable[[Any], None]] = [_add_calibrate, _add_run, _add_export, _add_demo]
+_COMMANDS: List[Callable[[Any], Any]] = [
+    _add_calibrate,
+    _add_run,
+    _add_export,
+    add_evaluate_command,
+    _add_demo,
+]
 
 
 def build_parser(

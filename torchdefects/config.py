@@ -75,7 +75,13 @@ KSIZE_MAX = 1001
 #: pyimgano's provenance vocabulary: where the threshold came from, how it was made.
 PROVENANCE_SOURCES = ("explicit", "infer_config", "train_dir")
 #: ``supervised_segf1`` and ``image_f1`` are reserved for thresholds chosen from labelled data.
-PROVENANCE_METHODS = ("fixed", "normal_pixel_quantile", "supervised_segf1", "image_f1")
+PROVENANCE_METHODS = (
+    "fixed",
+    "normal_pixel_quantile",
+    "supervised_segf1",
+    "image_f1",
+    "normal_quantile",
+)
 #: The sources written by torchdefects before schema version 2; read and converted.
 LEGACY_PROVENANCE_SOURCES = ("config", "calibration")
 
@@ -396,6 +402,15 @@ class DefectsConfig:
         group="image",
         oracle="numpy >=",
     )
+    image_threshold_provenance: Optional[Dict[str, Any]] = field(
+        default=None,
+        metadata={
+            "help": "where image_threshold came from (calibrate --image-strategy), or null",
+            "cli": False,
+            "group": "image",
+            "oracle": "-",
+        },
+    )
     mask_format: str = _f(
         "png",
         "how torchdefects run writes masks: png, npy or npz",
@@ -452,6 +467,7 @@ class DefectsConfig:
         _check_choices(self, p, "max_regions_sort_by")
         check_int(p + "max_regions", self.max_regions, minimum=1, allow_none=True)
         check_finite(p + "image_threshold", self.image_threshold, allow_none=True)
+        _check_provenance(p + "image_threshold_provenance", self.image_threshold_provenance)
         _check_choices(self, p, "mask_format")
         for name, neutral in UNSUPPORTED_UNTIL_IMPLEMENTED.items():
             value = getattr(self, name)

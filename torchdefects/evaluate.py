@@ -707,10 +707,5 @@ def run_supervised_calibrate(args: argparse.Namespace, raw: Dict[str, Any]) -> D
     if res["image_threshold"] is not None:
         block = out["defects"] if category is None else out["per_category"][category]["defects"]
         block["image_threshold"] = res["image_threshold"]
-        # No config field holds it yet: kept beside the block for the config engineer's
-        # image_threshold_provenance (see the report); load_config ignores unknown
-        # top-level keys.
-        out.setdefault("image_threshold_provenance", {})[category or ""] = res[
-            "image_threshold_provenance"
-        ]
+        block["image_threshold_provenance"] = res["image_threshold_provenance"]
     return out
