@@ -539,3 +539,27 @@ def test_train_dir_of_images_calibrates_through_the_detector(tmp_path):
     for r in _recs(tmp_path / "out"):
         assert r["defects"]["pixel_threshold"] == want
         assert r["defects"]["pixel_threshold_provenance"]["source"] == "train_dir"
+
+
+def test_report_flag_writes_report_html(tmp_path):
+    """--report: OUT/report.html with one row per input, NG first, overlays linked."""
+    from html.parser import HTMLParser
+
+    _maps(tmp_path / "maps", 3)
+    out = tmp_path / "out"
+    args = ["run", "--maps", str(tmp_path / "maps"), "--out", str(out), "--quiet",
+            "--pixel-threshold", "0.5", "--save-overlays", "--report"]  # fmt: skip
+    assert main(args) == 0
+    rows, links = [], []
+
+    class Page(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "tr" and "data-status" in a:
+                rows.append(a)
+            if tag == "a" and a.get("href", "").startswith("overlays/"):
+                links.append(a["href"])
+
+    Page().feed((out / "report.html").read_text())
+    assert len(rows) == 3
+    assert links and all((out / h).is_file() for h in links)

@@ -292,6 +292,7 @@ def run_demo(
             save_masks="config",
             save_overlays=True,
             regions_jsonl=True,
+            report=True,
             device=device,
             batch_size=8,
             overwrite=True,
@@ -345,19 +346,35 @@ def _mask_of(rec: Dict[str, Any], results_dir: str, size: int) -> np.ndarray:
 
 def _report(r: DemoResult) -> str:
     res = os.path.join(r.out, "results")
-    return "\n".join(
-        [
-            f"torchdefects demo: {r.images} test images ({r.defective} with planted defects), "
-            f"pixel threshold {r.pixel_threshold:.4g} calibrated on normal maps",
-            f"  found {r.regions} defect regions; {r.hit} of {r.planted} planted defects hit, "
-            f"{r.false_regions} regions on normal texture",
-            f"  results:  {os.path.join(res, 'results.jsonl')}",
-            f"  masks:    {os.path.join(res, 'masks')}",
-            f"  overlays: {os.path.join(res, 'overlays')}",
-            f"  model:    {os.path.join(r.out, 'model')} (detector.pt, config.json)",
-            f"  {r.seconds:.1f} s",
-        ]
-    )
+    model = os.path.join(r.out, "model")
+    missed = r.planted - r.hit
+    lines = [
+        f"torchdefects demo: {r.images} test parts, {r.defective} of them with planted "
+        f"defects ({r.planted} defects in all: some parts carry two).",
+        "  A detector fitted on normal parts scored every pixel; a pixel is defective when its "
+        f"score is >= {r.pixel_threshold:.4g},",
+        "  the threshold calibrated on the pixels of normal parts (a quantile, see "
+        "model/config.json for its provenance).",
+        f"  Found {r.regions} defect regions: {r.hit} of {r.planted} planted defects are "
+        "covered by a region"
+        + (f" ({missed} missed)" if missed else "")
+        + (
+            " (one region can cover two defects that touch)"
+            if r.regions - r.false_regions < r.hit
+            else ""
+        )
+        + f"; {r.false_regions} regions lie on normal texture (false alarms).",
+        f"  Look at it:  {os.path.join(res, 'report.html')} (open in a browser: every part, "
+        "worst first, with its overlay)",
+        f"  Files:       {os.path.join(res, 'results.jsonl')} (one record per part), masks/, "
+        "overlays/",
+        "  Next, on your own parts (a folder of images and a TorchScript detector):",
+        f"    torchdefects run --images PARTS/ --detector {os.path.join(model, 'detector.pt')} "
+        f"--config {os.path.join(model, 'config.json')} --out OUT --save-overlays --report",
+        "    and see docs/calibration.md to calibrate the threshold on your normal parts.",
+        f"  ({r.seconds:.1f} s)",
+    ]
+    return "\n".join(lines)
 
 
 def main(out: Optional[str] = None, seed: int = 0, device: str = "cpu") -> Tuple[int, DemoResult]:

@@ -101,13 +101,20 @@ class ImageSpace:
 
     def mask_to_image(self, mask: np.ndarray) -> np.ndarray:
         """Map-space bool mask -> image-space bool mask, nearest (pixel centres)."""
+        return self._to_image(mask, np.zeros(self.image_size, dtype=bool))
+
+    def map_to_image(self, anomaly_map: np.ndarray) -> np.ndarray:
+        """Map values -> image space, nearest (pixel centres); NaN where the map does not
+        reach (outside a center crop)."""
+        return self._to_image(anomaly_map, np.full(self.image_size, np.nan, dtype=np.float32))
+
+    def _to_image(self, values: np.ndarray, out: np.ndarray) -> np.ndarray:
         h, w = self.image_size
         rows = self._index(h, 0)
         cols = self._index(w, 1)
-        out = np.zeros((h, w), dtype=bool)
         r_ok = rows >= 0
         c_ok = cols >= 0
-        out[np.ix_(r_ok, c_ok)] = mask[np.ix_(rows[r_ok], cols[c_ok])]
+        out[np.ix_(r_ok, c_ok)] = values[np.ix_(rows[r_ok], cols[c_ok])]
         return out
 
     def _index(self, n: int, axis: int) -> np.ndarray:

@@ -143,6 +143,9 @@ class Compute:
             mx, mn = roi_stats(maps, self.roi)
             rmax, rmean = mx.cpu().tolist(), mn.cpu().tolist()
             counts = [0] * len(g.indices)
+        maps_np = None
+        if plan.overlay_dir is not None and plan.detector is not None:
+            maps_np = maps[:, 0].float().cpu().numpy()  # heat under the image overlay
         jobs = []
         start = 0
         for k, index in enumerate(g.indices):
@@ -166,6 +169,8 @@ class Compute:
                 job.overlay_path = os.path.join(plan.overlay_dir, name + ".png")
                 job.source = g.sources[k]
                 job.source_is_image = plan.detector is not None
+                if maps_np is not None:
+                    job.anomaly_map = maps_np[k]
             jobs.append(job)
         return jobs
 

@@ -158,6 +158,10 @@ def run_folder(opts: RunOptions) -> RunSummary:
                 dist.barrier(r)
                 if r.rank == 0:
                     _finish_files(opts, plan, r, in_order)
+                    if opts.report:
+                        from torchdefects.report import write_report
+
+                        write_report(opts.out)
                 dist.barrier(r)
                 totals = _totals(opts, plan, r, processed, skipped)
             finally:

@@ -139,6 +139,8 @@ class RunOptions:
     mask_space: str = _flag("anomaly_map", "masks at map size or image size (nearest)", _OUT,
                             choices=("anomaly_map", "image"))
     regions_jsonl: bool = _flag(False, "also OUT/regions.jsonl", _OUT)
+    report: bool = _flag(
+        False, "also OUT/report.html: summary, a table sortable by score, the overlays", _OUT)
     resume: bool = _flag(
         False, "continue a run: skip recorded inputs, retry transient failures", _OUT)
     overwrite: bool = _flag(False, "replace earlier results in OUT", _OUT)

@@ -43,6 +43,7 @@ class Job:
     overlay_path: Optional[str] = None
     source: Optional[np.ndarray] = None  # image (H, W, 3) or map (H, W)
     source_is_image: bool = False
+    anomaly_map: Optional[np.ndarray] = None  # map space, for overlays of images
 
 
 class Writer:
@@ -174,25 +175,16 @@ class Writer:
             self._write_overlay(job, d)
 
     def _write_overlay(self, job: Job, d: Dict[str, Any]) -> None:
-        from torchdefects.overlay import render_overlay
+        from torchdefects.overlay import render_record
 
-        regions = d["regions"]
-        mask = job.mask
-        boxes = [r["bbox_xyxy"] for r in regions]
-        picture: Dict[str, Any] = {"anomaly_map": job.source}
         if job.source_is_image:
-            picture = {"image": job.source}
-            if job.space is not None and mask is not None:
-                mask = job.space.mask_to_image(mask)
-                boxes = [job.space.bbox_to_image(b) for b in boxes]
-        pic = render_overlay(
-            mask=mask,
-            boxes_xyxy=boxes,
-            scores=[r["score_max"] for r in regions],
-            ids=[r["id"] for r in regions],
-            threshold=d["pixel_threshold"],
-            **picture,
-        )
+            mask, amap = job.mask, job.anomaly_map
+            if job.space is not None:
+                mask = None if mask is None else job.space.mask_to_image(mask)
+                amap = None if amap is None else job.space.map_to_image(amap)
+            pic = render_record(job.record, image=job.source, anomaly_map=amap, mask=mask)
+        else:
+            pic = render_record(job.record, anomaly_map=job.source, mask=job.mask)
         buf = io.BytesIO()
         pic.save(buf, format="PNG")
         files.atomic_write_bytes(job.overlay_path, buf.getvalue(), durable=False)
