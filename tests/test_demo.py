@@ -16,7 +16,10 @@ def test_demo_finds_planted_defects(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out]) == 0
     printed = capsys.readouterr().out
-    assert "planted defects hit" in printed and out in printed
+    assert "18 of 18 planted defects are covered by a region" in printed and out in printed
+    assert os.path.join(out, "results", "report.html") in printed  # where to look
+    assert "torchdefects run --images" in printed  # and what to try next
+    assert os.path.isfile(os.path.join(out, "results", "report.html"))
     res = os.path.join(out, "results")
     recs = tdio.read_jsonl(os.path.join(res, "results.jsonl")).records
     assert len(recs) == 18
