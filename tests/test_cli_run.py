@@ -563,3 +563,41 @@ def test_report_flag_writes_report_html(tmp_path):
     Page().feed((out / "report.html").read_text())
     assert len(rows) == 3
     assert links and all((out / h).is_file() for h in links)
+
+
+def test_save_maps_then_calibrate_from_images(tmp_path, capsys):
+    """run --save-maps npy keeps the detector's maps; calibrate --images --detector gives
+    the threshold numpy.quantile gives on those same maps, and prints the normal quantiles."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            return {"map": x.mean(1, keepdim=True) ** 2, "score": x.amax((1, 2, 3))}
+
+    det = tmp_path / "det.pt"
+    torch.jit.save(torch.jit.script(Det()), str(det))
+    out = tmp_path / "out"
+    args = ["run", "--images", str(imgs), "--detector", str(det), "--map-output", "map",
+            "--out", str(out), "--quiet", "--pixel-threshold", "0.5",
+            "--save-maps", "npy"]  # fmt: skip
+    assert main(args) == 0
+    recs = _recs(out)
+    kept = [np.load(out / r["anomaly_map"]["path"]) for r in recs]
+    assert all(k.dtype == np.float32 and k.shape == (12, 10) for k in kept)
+    cfg = tmp_path / "cfg.json"
+    args = ["calibrate", "--images", str(imgs), "--detector", str(det), "--map-output", "map",
+            "--q", "0.9", "-o", str(cfg)]  # fmt: skip
+    assert main(args) == 0
+    expected = np.quantile(np.concatenate([k.ravel() for k in kept]).astype(np.float64), 0.9)
+    assert load_config(str(cfg)).pixel_threshold == expected
+    err = capsys.readouterr().err
+    assert "normal pixels:" in err and "q0.99=" in err and "max=" in err
+    bad = ["calibrate", "--images", str(imgs), "-o", str(cfg)]
+    assert main(bad) == 2
+    assert "--images needs --detector" in capsys.readouterr().err

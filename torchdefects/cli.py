@@ -98,8 +98,16 @@ def _add_calibrate(sub: Any) -> None:
             "write it with its provenance into a config file (created or updated)."
         ),
     )
-    g = p.add_argument_group("inputs")
-    g.add_argument("--maps", required=True, help="folder (recursive) or glob of normal maps")
+    g = p.add_argument_group("inputs (--maps, or --images with --detector)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--maps", help="folder (recursive) or glob of normal maps")
+    src.add_argument("--images", metavar="DIR_OR_GLOB", help="normal images, scored by --detector")
+    g.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector, as for run")
+    g.add_argument("--map-output", metavar="INDEX_OR_KEY", help="the map among its outputs")
+    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="as for run")
+    g.add_argument("--mean", nargs="+", type=float, help="as for run")
+    g.add_argument("--std", nargs="+", type=float, help="as for run")
+    g.add_argument("--center-crop", action="store_true", default=None, help="as for run")
     g.add_argument(
         "--config", metavar="IN", help="config to start from (default: OUT if it exists)"
     )
@@ -141,16 +149,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         set_pixel_threshold,
         validate_config_dict,
     )
-    from torchdefects.files import MAP_EXTENSIONS, list_inputs
 
     quiet = args.quiet
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
-    try:
-        paths = list_inputs(args.maps, MAP_EXTENSIONS)
-    except FileNotFoundError as e:
-        raise UsageError(f"--maps: {e}") from e
+    paths, load = _calibration_inputs(args, device)
 
     base_path = getattr(args, "config", None)
     if base_path is None and os.path.exists(args.output):
@@ -190,6 +194,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             nan_policy=getattr(args, "nan_policy", "raise"),
             device=device,
             batch_size=args.batch_size,
+            load=load,
             progress=progress,
         )
     except (TypeError, ValueError) as e:
@@ -221,6 +226,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f" -> {args.output} [{where}]",
         quiet,
     )
+    quantiles = dict(provenance.get("normal_quantiles") or {})
+    quantiles["max"] = provenance.get("normal_max")
+    _print(
+        "calibrate: normal pixels: "
+        + ", ".join(f"q{k}={v!r}" if k != "max" else f"max={v!r}" for k, v in quantiles.items())
+        + " (the threshold sits at q="
+        + str(provenance["q"])
+        + ")",
+        quiet,
+    )
     if res.failed:
         print(
             f"calibrate: {len(res.failed)} of {len(paths)} maps failed and were left out:",
@@ -232,12 +247,55 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _calibration_inputs(args: argparse.Namespace, device: str) -> Any:
+    """(paths, load): normal maps as read, or normal images through ``--detector``."""
+    import torch
+
+    from torchdefects.batch.options import RunUsageError
+    from torchdefects.batch.plan import image_map_loader, load_detector, preprocess_from
+    from torchdefects.files import IMAGE_EXTENSIONS, MAP_EXTENSIONS, list_inputs
+
+    images = getattr(args, "images", None)
+    detector_path = getattr(args, "detector", None)
+    image_flags = ("map_output", "input_size", "mean", "std", "center_crop")
+    if images is None:
+        used = [f for f in ("detector", *image_flags) if getattr(args, f, None) is not None]
+        if used:
+            raise UsageError(f"--{used[0].replace('_', '-')} goes with --images")
+        spec, exts, flag = args.maps, MAP_EXTENSIONS, "--maps"
+    else:
+        if detector_path is None:
+            raise UsageError("--images needs --detector MODEL.pt to turn images into maps")
+        spec, exts, flag = images, IMAGE_EXTENSIONS, "--images"
+    try:
+        paths = list_inputs(spec, exts)
+    except FileNotFoundError as e:
+        raise UsageError(f"{flag}: {e}") from e
+    if images is None:
+        return paths, None
+    try:
+        dev = torch.device(device)
+        detector, meta = load_detector(detector_path, dev)
+        prep = preprocess_from(
+            meta,
+            getattr(args, "input_size", None),
+            getattr(args, "mean", None),
+            getattr(args, "std", None),
+            getattr(args, "center_crop", None),
+        )
+    except RunUsageError as e:
+        raise UsageError(str(e)) from e
+    return paths, image_map_loader(paths, detector, prep, getattr(args, "map_output", None), dev)
+
+
 def _calibrate_supervised(
     args: argparse.Namespace, raw: Dict[str, Any], device: str, category: Optional[str]
 ) -> int:
     """``calibrate --strategy segf1``: thresholds from labelled defects (docs/evaluation.md)."""
     from torchdefects.config import ConfigError, save_config
 
+    if getattr(args, "images", None) is not None:
+        raise UsageError("--strategy segf1 takes --maps (maps of labelled parts), not --images")
     args.device = device
     try:
         raw = run_supervised_calibrate(args, raw)

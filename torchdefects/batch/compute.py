@@ -144,8 +144,8 @@ class Compute:
             rmax, rmean = mx.cpu().tolist(), mn.cpu().tolist()
             counts = [0] * len(g.indices)
         maps_np = None
-        if plan.overlay_dir is not None and plan.detector is not None:
-            maps_np = maps[:, 0].float().cpu().numpy()  # heat under the image overlay
+        if opts.save_maps or (plan.overlay_dir is not None and plan.detector is not None):
+            maps_np = maps[:, 0].float().cpu().numpy()  # kept, or the heat under an image
         jobs = []
         start = 0
         for k, index in enumerate(g.indices):
@@ -165,6 +165,9 @@ class Compute:
                 job.mask_path = os.path.join(
                     plan.mask_dir, name + files.MASK_EXTENSIONS[plan.mask_format]
                 )
+            if opts.save_maps and maps_np is not None:
+                job.map_path = os.path.join(opts.out, "maps", name + ".npy")
+                job.anomaly_map = maps_np[k]
             if plan.overlay_dir is not None and cols is not None:
                 job.overlay_path = os.path.join(plan.overlay_dir, name + ".png")
                 job.source = g.sources[k]

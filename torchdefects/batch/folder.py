@@ -66,7 +66,7 @@ def _open_journal(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Optional[journ
                 opts.resume and journal.rank_files(opts.out, "results")
             ):
                 journal.check_manifest(opts.out, wanted)
-                temp = [os.path.join(opts.out, "masks"), os.path.join(opts.out, "overlays")]
+                temp = [os.path.join(opts.out, d) for d in ("masks", "overlays", "maps")]
                 temp += [d for d in (plan.mask_dir, plan.overlay_dir) if d]
                 journal.prepare_resume(opts.out, len(plan.paths), temp)
             elif not opts.resume:

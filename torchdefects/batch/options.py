@@ -139,6 +139,9 @@ class RunOptions:
     mask_space: str = _flag("anomaly_map", "masks at map size or image size (nearest)", _OUT,
                             choices=("anomaly_map", "image"))
     regions_jsonl: bool = _flag(False, "also OUT/regions.jsonl", _OUT)
+    save_maps: Optional[str] = _flag(
+        None, "keep the anomaly maps as OUT/maps/NAME.npy (float32), to calibrate or evaluate "
+        "on later", _OUT, choices=("npy",))
     report: bool = _flag(
         False, "also OUT/report.html: summary, a table sortable by score, the overlays", _OUT)
     resume: bool = _flag(

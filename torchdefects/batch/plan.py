@@ -10,7 +10,7 @@ what the results depend on: the manifest records it and ``--resume`` compares it
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -173,17 +173,7 @@ def _calibrate_inline(
         q = getattr(cfg, "pixel_normal_quantile", None)
     load = None
     if detector is not None:
-        ds = InputDataset(paths, range(len(paths)), "images", prep, False)
-        position = {p: i for i, p in enumerate(paths)}
-
-        def load(path: Any) -> np.ndarray:
-            item = ds[position[path]]
-            if item.error is not None:
-                raise ValueError(item.error[1])
-            with torch.inference_mode():
-                m = maps_of(detector(item.tensor[None].to(device)), opts.map_output, 1)
-            return m[0, 0].float().cpu().numpy()
-
+        load = image_map_loader(paths, detector, prep, opts.map_output, device)
     try:
         res = calibrate_maps(
             paths, q=q, roi_xyxy_norm=cfg.roi_xyxy_norm, device=device, load=load,
@@ -200,7 +190,25 @@ def _calibrate_inline(
     return res.threshold, prov
 
 
-def _load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]:
+def image_map_loader(
+    paths: Sequence[str], detector: Any, prep: Any, map_output: Any, device: torch.device
+) -> Callable[[Any], np.ndarray]:
+    """``path -> (H, W)`` anomaly map of that image through the detector (for calibration)."""
+    ds = InputDataset(list(paths), range(len(paths)), "images", prep, False)
+    position = {p: i for i, p in enumerate(paths)}
+
+    def load(path: Any) -> np.ndarray:
+        item = ds[position[path]]
+        if item.error is not None:
+            raise ValueError(item.error[1])
+        with torch.inference_mode():
+            m = maps_of(detector(item.tensor[None].to(device)), map_output, 1)
+        return m[0, 0].float().cpu().numpy()
+
+    return load
+
+
+def load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]:
     extra = {PREPROCESS_EXTRA_FILE: ""}
     try:
         det = torch.jit.load(path, map_location=device, _extra_files=extra)
@@ -216,11 +224,14 @@ def _load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]
     return det, meta
 
 
-def _preprocess_from(opts: RunOptions, meta: Dict[str, Any]) -> Preprocess:
-    size = opts.input_size if opts.input_size is not None else meta.get("input_size")
-    mean = opts.mean if opts.mean is not None else meta.get("mean")
-    std = opts.std if opts.std is not None else meta.get("std")
-    crop = opts.center_crop if opts.center_crop is not None else bool(meta.get("center_crop"))
+def preprocess_from(
+    meta: Dict[str, Any], input_size: Any, mean: Any, std: Any, center_crop: Optional[bool]
+) -> Preprocess:
+    """The detector's preprocessing: flags win over its metadata (``preprocess.json``)."""
+    size = input_size if input_size is not None else meta.get("input_size")
+    mean = mean if mean is not None else meta.get("mean")
+    std = std if std is not None else meta.get("std")
+    crop = center_crop if center_crop is not None else bool(meta.get("center_crop"))
     if crop and size is None:
         raise RunUsageError("--center-crop needs --input-size H W (or the detector's metadata)")
     return Preprocess(
@@ -247,8 +258,8 @@ def make_plan(opts: RunOptions, r: dist.Ranks) -> Plan:
     detector = prep = None
     if kind == "images":
         assert opts.detector is not None
-        detector, meta = _load_detector(opts.detector, device)
-        prep = _preprocess_from(opts, meta)
+        detector, meta = load_detector(opts.detector, device)
+        prep = preprocess_from(meta, opts.input_size, opts.mean, opts.std, opts.center_crop)
     enabled = opts.defects if opts.defects is not None else getattr(cfg, "enabled", True)
     threshold = provenance = None
     if enabled:

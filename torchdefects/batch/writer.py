@@ -43,7 +43,8 @@ class Job:
     overlay_path: Optional[str] = None
     source: Optional[np.ndarray] = None  # image (H, W, 3) or map (H, W)
     source_is_image: bool = False
-    anomaly_map: Optional[np.ndarray] = None  # map space, for overlays of images
+    anomaly_map: Optional[np.ndarray] = None  # map space: kept (map_path) or under overlays
+    map_path: Optional[str] = None  # absolute, .npy
 
 
 class Writer:
@@ -135,7 +136,7 @@ class Writer:
         region_lines = []
         for job in jobs:
             rec = job.record
-            if "defects" in rec:
+            if "defects" in rec or job.map_path is not None:
                 try:
                     self._write_files(job)
                 except OSError as e:
@@ -161,7 +162,14 @@ class Writer:
         self._results.flush()
 
     def _write_files(self, job: Job) -> None:
-        d = job.record["defects"]
+        if job.map_path is not None and job.anomaly_map is not None:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(job.anomaly_map, dtype=np.float32))
+            files.atomic_write_bytes(job.map_path, buf.getvalue(), durable=False)
+            job.record["anomaly_map"]["path"] = self._rel(job.map_path)
+        d = job.record.get("defects")
+        if d is None:
+            return
         if job.mask_path is not None and job.mask is not None and self.mask_format:
             m = job.mask
             space = "anomaly_map"
