@@ -210,15 +210,24 @@ def _unflat(y: Tensor, h: int, w: int, wp: int) -> Tensor:
     return y.reshape(y.shape[0], 1, h, wp).narrow(3, 0, w).contiguous()
 
 
-def _symmetric_pass(flat: Tensor, weights: Tensor, step: int, n: int) -> Tensor:
+def _gaussian_taps(ksize: int, sigma: float) -> List[float]:
+    """:func:`gaussian_kernel1d` as Python floats (the float32 values), for scalar products."""
+    if ksize <= 9 and sigma <= 0:
+        return _small_gaussian(ksize)
+    taps: List[float] = gaussian_kernel1d(ksize, sigma).tolist()
+    return taps
+
+
+def _symmetric_pass(flat: Tensor, weights: List[float], step: int, n: int) -> Tensor:
     """``sum_i weights[i] * flat[i * step : i * step + n]`` (flat layout, dim 1) for a
     symmetric odd kernel.
 
     Mirrored taps are added before the one multiplication they share; the terms are summed
     outermost first, the centre last. A fixed sequence of elementwise ops (temporaries
-    updated in place), so the same bits on every device.
+    updated in place), so the same bits on every device. The weights are float32 values,
+    so a float32 product rounds them to themselves.
     """
-    k = weights.shape[0]
+    k = len(weights)
     r = k // 2
     if r == 0:
         return flat.narrow(1, 0, n) * weights[0]
@@ -413,12 +422,12 @@ def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 
     x = x.to(dtype)
     if k == 0 or x.numel() == 0:
         return x.view(anomaly_map.shape)
-    h, w = x.shape[2], x.shape[3]
+    b, h, w = x.shape[0], x.shape[2], x.shape[3]
     if method == "gaussian":
         # Rows (along W) first, as OpenCV, then columns, over one padded copy: filtering
         # the padded rows equals padding the filtered rows.
         r = k // 2
-        wts = gaussian_kernel1d(k, float(sigma)).to(device=x.device, dtype=dtype)
+        wts = _gaussian_taps(k, float(sigma))
         flat, wp = _pad_flat(x, r, r, True)
         rows = _symmetric_pass(flat, wts, 1, (h + 2 * r) * wp)
         out = _unflat(_symmetric_pass(rows, wts, wp, h * wp), h, w, wp)
@@ -427,8 +436,9 @@ def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 
         flat, wp = _pad_flat(x, k // 2, k - 1 - k // 2, True)
         flat = flat.to(torch.float64)
         rows = _window_sum(flat, k, 1, (h + k - 1) * wp)
-        y = _window_sum(rows, k, wp, h * wp) * (1.0 / (k * k))
-        out = _unflat(y.to(dtype), h, w, wp)
+        y = _window_sum(rows, k, wp, h * wp).mul_(1.0 / (k * k))
+        # The cast reads the strided image and writes it contiguous: no separate copy.
+        out = y.reshape(b, 1, h, wp).narrow(3, 0, w).to(dtype).contiguous()
     else:
         out = _median(x, k)
     return out.view(anomaly_map.shape)
