@@ -2,7 +2,8 @@
 
 pyimgano (``pyimgano.defects.map_ops`` / ``smoothing``) zeroes the border of the map and
 then smooths it with OpenCV. These functions do the same on batches, on the map's device,
-in plain tensor code (shifted slices, ``unfold``), so they script and export:
+in plain tensor code (one padded copy, then shifted contiguous slices), so they script and
+export:
 
 - :func:`border_ignore` == pyimgano's ``apply_border_ignore_to_map`` (border set to 0.0).
 - :func:`smooth_map` == ``cv2.GaussianBlur`` / ``cv2.medianBlur`` / ``cv2.blur`` with
