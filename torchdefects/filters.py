@@ -369,18 +369,38 @@ def _median(x: Tensor, ksize: int) -> Tensor:
         m *= 2
     for _ in range(m - k2):
         slots.append(slots[0])  # +inf placeholders: the network never reads them
+    # owned[s]: slot s holds a buffer of ours (not a view of the input), updated in place
+    # (clamp_(max=t) is minimum, clamp_(min=t) maximum): fewer live buffers, more cache hits.
+    owned = [False] * m
     for kind, a, b in _median_ops(k2):
         va, vb = slots[a], slots[b]
         if kind == 3:
             slots[a] = vb
             slots[b] = va
+            owned[a], owned[b] = owned[b], owned[a]
         elif kind == 0:
-            slots[a] = torch.minimum(va, vb)
+            if owned[a]:
+                va.clamp_(max=vb)
+            else:
+                slots[a] = torch.minimum(va, vb)
         elif kind == 1:
+            if owned[b]:
+                vb.clamp_(min=va)
+            else:
+                slots[b] = torch.maximum(va, vb)
+        elif owned[b]:
+            slots[a] = torch.minimum(va, vb)
+            vb.clamp_(min=va)
+        elif owned[a]:
             slots[b] = torch.maximum(va, vb)
+            va.clamp_(max=vb)
         else:
             slots[a] = torch.minimum(va, vb)
             slots[b] = torch.maximum(va, vb)
+        if kind == 0 or kind == 2:
+            owned[a] = True
+        if kind == 1 or kind == 2:
+            owned[b] = True
     return _unflat(slots[k2 // 2], h, w, wp)
 
 
