@@ -332,20 +332,19 @@ def _median3(flat: Tensor, wp: int, n: int) -> Tensor:
     a = flat.narrow(1, 0, m)
     b = flat.narrow(1, wp, m)
     c = flat.narrow(1, 2 * wp, m)
-    # In place where a buffer is ours (clamp_(min=t) is maximum, clamp_(max=t) minimum):
-    # fewer live temporaries, which keeps the working set in cache.
+    # med3(p, q, r) = clamp(r, min(p, q), max(p, q)): three ops. Buffers of ours are updated
+    # in place (clamp_(min=t) is maximum, clamp_(max=t) minimum): fewer live temporaries.
     lo = torch.minimum(a, b)
     hi = torch.maximum(a, b)
-    mid = torch.minimum(hi, c).clamp_(min=lo)
+    mid = torch.clamp(c, lo, hi)
     lo.clamp_(max=c)
     hi.clamp_(min=c)
     lo_max = torch.maximum(lo.narrow(1, 0, n), lo.narrow(1, 1, n)).clamp_(min=lo.narrow(1, 2, n))
     hi_min = torch.minimum(hi.narrow(1, 0, n), hi.narrow(1, 1, n)).clamp_(max=hi.narrow(1, 2, n))
-    m0, m1, m2 = mid.narrow(1, 0, n), mid.narrow(1, 1, n), mid.narrow(1, 2, n)
-    mid_med = torch.minimum(m0, m1).clamp_(min=torch.maximum(m0, m1).clamp_(max=m2))
-    # med3(lo_max, mid_med, hi_min) = max(min(l, m), min(max(l, m), h))
-    out = torch.minimum(lo_max, mid_med)
-    return out.clamp_(min=lo_max.clamp_(min=mid_med).clamp_(max=hi_min))
+    m0, m1 = mid.narrow(1, 0, n), mid.narrow(1, 1, n)
+    mid_med = torch.clamp(mid.narrow(1, 2, n), torch.minimum(m0, m1), torch.maximum(m0, m1))
+    low = torch.minimum(lo_max, mid_med)
+    return torch.clamp(hi_min, low, lo_max.clamp_(min=mid_med))
 
 
 def _median(x: Tensor, ksize: int) -> Tensor:
