@@ -4,13 +4,25 @@ import pytest
 import torch
 
 from tests._shapes import adversarial_masks
-from torchdefects.ellipse import dilate_ellipse, ellipse_kernel
+from torchdefects.ellipse import _rectangles, dilate_ellipse, ellipse_kernel
 
 
 @pytest.mark.parametrize("k", list(range(1, 42)))
 def test_kernel_bit_equal_opencv(k):
     ref = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)).astype(bool)
     assert np.array_equal(ellipse_kernel(k).numpy(), ref)
+
+
+@pytest.mark.parametrize("k", list(range(1, 42)))
+def test_rectangles_cover_the_kernel_exactly(k):
+    # dilate_ellipse ORs the dilations by these rectangles: their union must be the element.
+    ref = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)).astype(bool)
+    union = np.zeros((k, k), bool)
+    for row0, rows, col0, cols in _rectangles(k):
+        assert ref[row0 : row0 + rows, col0 : col0 + cols].all()
+        union[row0 : row0 + rows, col0 : col0 + cols] = True
+    assert np.array_equal(union, ref)
+    assert len(_rectangles(k)) <= k // 2 + 1
 
 
 def cv2_dilate(m: np.ndarray, k: int) -> np.ndarray:
@@ -26,6 +38,18 @@ def test_dilate_matches_opencv(k, device):
     cases += [np.ones((1, 9), bool), np.ones((9, 1), bool), np.zeros((5, 5), bool)]
     for m in cases:
         ours = dilate_ellipse(torch.from_numpy(m)[None, None].to(device), k)[0, 0].cpu().numpy()
+        assert np.array_equal(ours, cv2_dilate(m, k))
+
+
+@pytest.mark.parametrize("k", [20, 25, 41])
+def test_dilate_large_kernels_match_opencv(k):
+    rng = np.random.default_rng(100 + k)
+    cases = [
+        rng.random((int(rng.integers(1, 70)), int(rng.integers(1, 70)))) < 0.01 for _ in range(6)
+    ]
+    cases += [np.pad(np.ones((1, 1), bool), 30), np.ones((3, 50), bool)]
+    for m in cases:
+        ours = dilate_ellipse(torch.from_numpy(m)[None, None], k)[0, 0].numpy()
         assert np.array_equal(ours, cv2_dilate(m, k))
 
 

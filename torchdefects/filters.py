@@ -2,7 +2,8 @@
 
 pyimgano (``pyimgano.defects.map_ops`` / ``smoothing``) zeroes the border of the map and
 then smooths it with OpenCV. These functions do the same on batches, on the map's device,
-in plain tensor code (shifted slices, ``unfold``), so they script and export:
+in plain tensor code (one padded copy, then shifted contiguous slices), so they script and
+export:
 
 - :func:`border_ignore` == pyimgano's ``apply_border_ignore_to_map`` (border set to 0.0).
 - :func:`smooth_map` == ``cv2.GaussianBlur`` / ``cv2.medianBlur`` / ``cv2.blur`` with
@@ -18,6 +19,7 @@ import math
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchdefects._check import _as_b1hw, _check_float_map
@@ -168,38 +170,102 @@ def _reflect101_index(n: int, before: int, after: int, device: torch.device) -> 
     return torch.where(i >= n, period - i, i)
 
 
-def _replicate_index(n: int, before: int, after: int, device: torch.device) -> Tensor:
-    return torch.arange(-before, n + after, device=device).clamp(0, n - 1)
+def _can_pad(h: int, w: int, top: int, bottom: int, side: int) -> bool:
+    """Whether ``F.pad``'s reflect mode applies (each pad below the size) and runs eagerly.
 
-
-def _rows_then_cols(x: Tensor, weights: Tensor, before: int, ones: bool = False) -> Tensor:
-    """The separable filter: along W (rows of the image) first, as OpenCV, then along H.
-
-    Both passes run along dim 2 on contiguous tensors (a gather along the last dim is
-    slow on CPU), so W is brought to dim 2 by one transposed copy and back by another.
+    The check branches on the map's size, which a dynamic-shape export cannot do, so under
+    ``torch.export``/tracing the index path (valid for every size) runs instead. Both paths
+    build the same padded tensor by copies only, so the results are the same bits.
     """
-    xt = x.transpose(2, 3).contiguous()
-    y = _separable(xt, weights, before, 2, ones).transpose(2, 3).contiguous()
-    return _separable(y, weights, before, 2, ones)
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return top < h and bottom < h and side < w
 
 
-def _separable(x: Tensor, weights: Tensor, before: int, dim: int, ones: bool = False) -> Tensor:
-    """``sum_i weights[i] * x shifted by i - before`` along ``dim``, reflect-101 borders.
+def _pad_flat(x: Tensor, before: int, after: int, reflect: bool) -> Tuple[Tensor, int]:
+    """Pad H and W by ``before``/``after`` (reflect-101, OpenCV's default, or replicate),
+    plus one more bottom row, and flatten each image: ``((B, (H+before+after+1) * Wp), Wp)``.
 
-    ``ones``: all weights are 1 (box sums), so no multiplications.
+    In the flat layout a shift by ``j`` columns is the slice at offset ``j`` and a shift by
+    ``i`` rows the slice at ``i * Wp``: every tap of a separable filter is one contiguous
+    slice (shifted views along the last dim are twice as slow to read). Outputs carry
+    ``Wp - W`` junk columns per row, dropped by :func:`_unflat`; the extra row keeps the
+    slices of the last rows in bounds.
     """
-    k = weights.shape[0]
-    n = x.shape[dim]
-    idx = _reflect101_index(n, before, k - 1 - before, x.device)
-    padded = x.index_select(dim, idx)
-    if ones:
-        acc = padded.narrow(dim, 0, n)
-        for i in range(1, k):
-            acc = acc + padded.narrow(dim, i, n)
-        return acc
-    acc = padded.narrow(dim, 0, n) * weights[0]
-    for i in range(1, k):
-        acc = acc + padded.narrow(dim, i, n) * weights[i]
+    b, h, w = x.shape[0], x.shape[2], x.shape[3]
+    if not reflect:
+        p = F.pad(x, [before, after, before, after + 1], mode="replicate")
+    elif _can_pad(h, w, before, after + 1, max(before, after)):
+        # torch's "reflect" leaves the edge pixel out: OpenCV's BORDER_REFLECT_101.
+        p = F.pad(x, [before, after, before, after + 1], mode="reflect")
+    else:
+        rows = _reflect101_index(h, before, after + 1, x.device)
+        cols = _reflect101_index(w, before, after, x.device)
+        p = x.index_select(2, rows).index_select(3, cols)
+    wp = p.shape[3]
+    return p.reshape(b, p.shape[2] * wp), wp
+
+
+def _unflat(y: Tensor, h: int, w: int, wp: int) -> Tensor:
+    """The ``(B, 1, H, W)`` image from a flat ``(B, H * Wp)`` result (junk columns dropped)."""
+    return y.reshape(y.shape[0], 1, h, wp).narrow(3, 0, w).contiguous()
+
+
+def _gaussian_taps(ksize: int, sigma: float) -> List[float]:
+    """:func:`gaussian_kernel1d` as Python floats (the float32 values), for scalar products."""
+    if ksize <= 9 and sigma <= 0:
+        return _small_gaussian(ksize)
+    taps: List[float] = gaussian_kernel1d(ksize, sigma).tolist()
+    return taps
+
+
+def _symmetric_pass(flat: Tensor, weights: List[float], step: int, n: int) -> Tensor:
+    """``sum_i weights[i] * flat[i * step : i * step + n]`` (flat layout, dim 1) for a
+    symmetric odd kernel.
+
+    Mirrored taps are added before the one multiplication they share; the terms are summed
+    outermost first, the centre last. A fixed sequence of elementwise ops (temporaries
+    updated in place), so the same bits on every device. The weights are float32 values,
+    so a float32 product rounds them to themselves.
+    """
+    k = len(weights)
+    r = k // 2
+    if r == 0:
+        return flat.narrow(1, 0, n) * weights[0]
+    acc = flat.narrow(1, 0, n) + flat.narrow(1, (k - 1) * step, n)
+    acc.mul_(weights[0])
+    for i in range(1, r):
+        t = flat.narrow(1, i * step, n) + flat.narrow(1, (k - 1 - i) * step, n)
+        t.mul_(weights[i])
+        acc.add_(t)
+    acc.add_(flat.narrow(1, r * step, n) * weights[r])
+    return acc
+
+
+def _window_sum(flat: Tensor, k: int, step: int, n: int) -> Tensor:
+    """``sum_i flat[i * step : i * step + n]`` for ``i < k`` (flat layout, dim 1).
+
+    Sums over windows of 1, 2, 4, ... taps (each one add of two shifted halves), then the
+    windows of the binary digits of ``k`` laid end to end: about ``log2(k)`` adds instead of
+    ``k - 1``. Used in float64 on float32 data, where the sums are exact, so the grouping
+    does not change the result (OpenCV sums box windows in float64 too).
+    """
+    levels: List[Tensor] = [flat]
+    s = 1
+    while 2 * s <= k:
+        a = levels[-1]
+        m = a.shape[1] - s * step
+        levels.append(a.narrow(1, 0, m) + a.narrow(1, s * step, m))
+        s = 2 * s
+    acc = levels[-1].narrow(1, 0, n)
+    offset = s
+    bit = len(levels) - 2
+    while bit >= 0:
+        size = 1 << bit
+        if k & size:
+            acc = acc + levels[bit].narrow(1, offset * step, n)
+            offset += size
+        bit -= 1
     return acc
 
 
@@ -257,29 +323,28 @@ def _median_ops(n: int) -> List[Tuple[int, int, int]]:
     return kept
 
 
-def _median3(padded: Tensor, h: int, w: int) -> Tensor:
-    """3x3 median of a replicate-padded map: each column of three is sorted once (shared by
-    the three windows it belongs to); the median is then ``med3(max of the lows, med3 of the
-    middles, min of the highs)``, an exact identity for 3x3 windows."""
-    a = padded.narrow(2, 0, h)
-    b = padded.narrow(2, 1, h)
-    c = padded.narrow(2, 2, h)
-    lo1 = torch.minimum(a, b)
-    hi1 = torch.maximum(a, b)
-    lo = torch.minimum(lo1, c)
-    mid = torch.maximum(lo1, torch.minimum(hi1, c))
-    hi = torch.maximum(hi1, c)
-    lo_max = torch.maximum(
-        torch.maximum(lo.narrow(3, 0, w), lo.narrow(3, 1, w)), lo.narrow(3, 2, w)
-    )
-    hi_min = torch.minimum(
-        torch.minimum(hi.narrow(3, 0, w), hi.narrow(3, 1, w)), hi.narrow(3, 2, w)
-    )
-    m0, m1, m2 = mid.narrow(3, 0, w), mid.narrow(3, 1, w), mid.narrow(3, 2, w)
-    mid_med = torch.maximum(torch.minimum(m0, m1), torch.minimum(torch.maximum(m0, m1), m2))
-    return torch.maximum(
-        torch.minimum(lo_max, mid_med), torch.minimum(torch.maximum(lo_max, mid_med), hi_min)
-    )
+def _median3(flat: Tensor, wp: int, n: int) -> Tensor:
+    """3x3 median over a replicate-padded flat map (see :func:`_pad_flat`): each column of
+    three is sorted once (shared by the three windows it belongs to); the median is then
+    ``med3(max of the lows, med3 of the middles, min of the highs)``, an exact identity for
+    3x3 windows."""
+    m = n + 2
+    a = flat.narrow(1, 0, m)
+    b = flat.narrow(1, wp, m)
+    c = flat.narrow(1, 2 * wp, m)
+    # med3(p, q, r) = clamp(r, min(p, q), max(p, q)): three ops. Buffers of ours are updated
+    # in place (clamp_(min=t) is maximum, clamp_(max=t) minimum): fewer live temporaries.
+    lo = torch.minimum(a, b)
+    hi = torch.maximum(a, b)
+    mid = torch.clamp(c, lo, hi)
+    lo.clamp_(max=c)
+    hi.clamp_(min=c)
+    lo_max = torch.maximum(lo.narrow(1, 0, n), lo.narrow(1, 1, n)).clamp_(min=lo.narrow(1, 2, n))
+    hi_min = torch.minimum(hi.narrow(1, 0, n), hi.narrow(1, 1, n)).clamp_(max=hi.narrow(1, 2, n))
+    m0, m1 = mid.narrow(1, 0, n), mid.narrow(1, 1, n)
+    mid_med = torch.clamp(mid.narrow(1, 2, n), torch.minimum(m0, m1), torch.maximum(m0, m1))
+    low = torch.minimum(lo_max, mid_med)
+    return torch.clamp(hi_min, low, lo_max.clamp_(min=mid_med))
 
 
 def _median(x: Tensor, ksize: int) -> Tensor:
@@ -289,37 +354,53 @@ def _median(x: Tensor, ksize: int) -> Tensor:
     """
     r = ksize // 2
     h, w = x.shape[2], x.shape[3]
-    rows = _replicate_index(h, r, r, x.device)
-    cols = _replicate_index(w, r, r, x.device)
-    # Gather columns as rows of the transposed map: a gather along the last dim is slow.
-    padded = x.index_select(2, rows).transpose(2, 3).contiguous().index_select(2, cols)
-    padded = padded.transpose(2, 3)
+    flat, wp = _pad_flat(x, r, r, False)
+    n = h * wp
     if ksize == 3:
-        return _median3(padded, h, w)
-    n = ksize * ksize
+        return _unflat(_median3(flat, wp, n), h, w, wp)
+    k2 = ksize * ksize
     slots: List[Tensor] = []
     for i in range(ksize):
-        band = padded.narrow(2, i, h)
         for j in range(ksize):
-            slots.append(band.narrow(3, j, w))
+            slots.append(flat.narrow(1, i * wp + j, n))
     m = 1
-    while m < n:
+    while m < k2:
         m *= 2
-    for _ in range(m - n):
+    for _ in range(m - k2):
         slots.append(slots[0])  # +inf placeholders: the network never reads them
-    for kind, a, b in _median_ops(n):
+    # owned[s]: slot s holds a buffer of ours (not a view of the input), updated in place
+    # (clamp_(max=t) is minimum, clamp_(min=t) maximum): fewer live buffers, more cache hits.
+    owned = [False] * m
+    for kind, a, b in _median_ops(k2):
         va, vb = slots[a], slots[b]
         if kind == 3:
             slots[a] = vb
             slots[b] = va
+            owned[a], owned[b] = owned[b], owned[a]
         elif kind == 0:
-            slots[a] = torch.minimum(va, vb)
+            if owned[a]:
+                va.clamp_(max=vb)
+            else:
+                slots[a] = torch.minimum(va, vb)
         elif kind == 1:
+            if owned[b]:
+                vb.clamp_(min=va)
+            else:
+                slots[b] = torch.maximum(va, vb)
+        elif owned[b]:
+            slots[a] = torch.minimum(va, vb)
+            vb.clamp_(min=va)
+        elif owned[a]:
             slots[b] = torch.maximum(va, vb)
+            va.clamp_(max=vb)
         else:
             slots[a] = torch.minimum(va, vb)
             slots[b] = torch.maximum(va, vb)
-    return slots[n // 2].contiguous()
+        if kind == 0 or kind == 2:
+            owned[a] = True
+        if kind == 1 or kind == 2:
+            owned[b] = True
+    return _unflat(slots[k2 // 2], h, w, wp)
 
 
 def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 0.0) -> Tensor:
@@ -361,13 +442,23 @@ def smooth_map(anomaly_map: Tensor, method: str, ksize: int = 0, sigma: float = 
     x = x.to(dtype)
     if k == 0 or x.numel() == 0:
         return x.view(anomaly_map.shape)
+    b, h, w = x.shape[0], x.shape[2], x.shape[3]
     if method == "gaussian":
-        wts = gaussian_kernel1d(k, float(sigma)).to(x.device)
-        out = _rows_then_cols(x, wts, k // 2)
+        # Rows (along W) first, as OpenCV, then columns, over one padded copy: filtering
+        # the padded rows equals padding the filtered rows.
+        r = k // 2
+        wts = _gaussian_taps(k, float(sigma))
+        flat, wp = _pad_flat(x, r, r, True)
+        rows = _symmetric_pass(flat, wts, 1, (h + 2 * r) * wp)
+        out = _unflat(_symmetric_pass(rows, wts, wp, h * wp), h, w, wp)
     elif method == "box":
-        ones = torch.ones(k, dtype=torch.float64, device=x.device)
-        y = _rows_then_cols(x.to(torch.float64), ones, k // 2, True)
-        out = (y * (1.0 / (k * k))).to(dtype)
+        # cv2.blur anchors at k // 2 (even sizes too); sums in float64 as OpenCV's.
+        flat, wp = _pad_flat(x, k // 2, k - 1 - k // 2, True)
+        flat = flat.to(torch.float64)
+        rows = _window_sum(flat, k, 1, (h + k - 1) * wp)
+        y = _window_sum(rows, k, wp, h * wp).mul_(1.0 / (k * k))
+        # The cast reads the strided image and writes it contiguous: no separate copy.
+        out = y.reshape(b, 1, h, wp).narrow(3, 0, w).to(dtype).contiguous()
     else:
         out = _median(x, k)
     return out.view(anomaly_map.shape)

@@ -85,11 +85,10 @@ def hysteresis_threshold(
         weak = weak & inside
         strong = strong & inside
     labels, _ = connected_components(weak, connectivity)
-    # Slot b * (H*W + 1) + label: a fixed-size table, so no region count is read back.
-    slots = h * w + 1
-    base = (torch.arange(b, device=x.device) * slots).view(b, 1, 1, 1)
-    index = (base + labels.to(torch.int64)).reshape(-1)
-    seeded = torch.zeros(b * slots, dtype=torch.int32, device=x.device)
-    seeded = seeded.scatter_reduce(0, index, strong.reshape(-1).to(torch.int32), reduce="amax")
-    keep = (seeded.index_select(0, index) > 0).view(x.shape) & weak
+    # Per image a fixed-size table over the labels 0..H*W, so no region count is read back.
+    index = labels.reshape(b, h * w).to(torch.int64)
+    seeded = torch.zeros(b, h * w + 1, dtype=torch.int32, device=x.device)
+    # amax is order-free: the same table on every device (as the other stages' scatters).
+    seeded.scatter_reduce_(1, index, strong.reshape(b, h * w).to(torch.int32), reduce="amax")
+    keep = (seeded.gather(1, index) > 0).view(x.shape) & weak
     return keep.view(anomaly_map.shape)
