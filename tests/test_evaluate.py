@@ -10,7 +10,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from torchdefects.cli import build_parser
-from torchdefects.config import DefectsConfig, save_config
+from torchdefects.config import DefectsConfig, load_config, save_config
 from torchdefects.evaluate import (
     add_evaluate_command,
     add_supervised_calibrate_arguments,
@@ -224,7 +224,8 @@ def test_supervised_calibrate_wiring(tmp_path):
     expected = calibrate_supervised(maps_dir, gt_dir, image_strategy="normal_quantile", image_q=0.5)
     assert block["pixel_threshold"] == expected["pixel_threshold"]
     assert block["image_threshold"] == expected["image_threshold"]
-    assert raw["image_threshold_provenance"]["bottle"]["method"] == "normal_quantile"
+    assert block["image_threshold_provenance"]["method"] == "normal_quantile"
+    assert load_config(raw, "bottle").image_threshold_provenance["method"] == "normal_quantile"
     assert raw["defects"] == {"min_area": 2}
     args = parser.parse_args(["--maps", maps_dir, "--strategy", "segf1"])
     with pytest.raises(ValueError, match="needs --gt-masks"):
