@@ -1,4 +1,4 @@
-"""Benchmark: labels + region stats vs OpenCV, kornia and (on CUDA) CuPy, medians.
+"""Benchmark: labels + region stats vs OpenCV, kornia and (on CUDA) CuPy and cuCIM, medians.
 
     python scripts/bench_components.py                 # CPU, this machine
     python scripts/bench_components.py --device cuda   # on a GPU host
@@ -55,13 +55,17 @@ def main(argv=None) -> int:
             from kornia.contrib import connected_components_union_find as kornia_uf
         except ImportError:
             pass
-    cupy_label = None
+    cupy_label = cucim_label = None
     if device.startswith("cuda"):
         try:
             import cupy
             from cupyx.scipy.ndimage import label as cupy_label
         except ImportError:
             pass
+        try:  # cuCIM's skimage.measure.label, one 2-D image at a time (3-D would join images)
+            from cucim.skimage.measure import label as cucim_label
+        except Exception as e:  # a missing wheel or a CUDA mismatch: report, go on
+            print(f"cucim unavailable: {type(e).__name__}: {e}", flush=True)
 
     rows = []
     for name, mask_cpu in cases(args.quick):
@@ -102,6 +106,14 @@ def main(argv=None) -> int:
 
             row["cupy label ms"] = t_c = median_ms(cupy_loop, device)
             row["cupy / ours"] = t_c / t_ours
+        if cucim_label is not None:
+            cm8 = cupy.asarray(mask.to(torch.uint8))
+
+            def cucim_loop(cm8=cm8):
+                return [cucim_label(cm8[i], connectivity=2) for i in range(cm8.shape[0])]
+
+            row["cucim label ms"] = t_cc = median_ms(cucim_loop, device)
+            row["cucim / ours"] = t_cc / t_ours
         for k, v in list(row.items()):
             if isinstance(v, float):
                 row[k] = round(v, 2)
