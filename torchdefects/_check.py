@@ -6,6 +6,7 @@ and what came: ``"pixel_threshold must be finite, got nan"``.
 """
 
 import math
+import numbers
 from typing import Any, List
 
 import torch
@@ -100,7 +101,7 @@ def _number_or_tensor(x: Any, name: str) -> Any:
     """A Python number becomes a float64 scalar tensor; a tensor is returned; None stays None."""
     if x is None or isinstance(x, Tensor):
         return x
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
         hint = " (convert it with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
         raise TypeError(
             f"{name} must be a number or a torch.Tensor, got {_fmt(x)} ({type(x).__name__}){hint}"

@@ -155,7 +155,9 @@ class DefectHead(nn.Module):
     - **Image score and label.** ``image_score`` is the detector's image score when
       ``forward`` gets one, else ``roi_max``; ``image_label`` is ``image_score >=
       config.image_threshold`` when the config sets it, else 1 when the image has a reported
-      region. A NaN image score is never defective by threshold.
+      region. The comparison is in float32 (the threshold rounded to float32, like the pixel
+      threshold for float32 maps), so a score printed as 0.9 meets a threshold of 0.9. A NaN
+      image score is never defective by threshold.
 
     The threshold, the image threshold and the ROI are buffers in float64 (``threshold``,
     ``image_threshold``, ``roi``), so they follow ``.to(device)``; ``threshold`` and ``roi``
@@ -306,7 +308,7 @@ class DefectHead(nn.Module):
                 device=x.device, dtype=torch.float32
             )
         if self.has_image_threshold:
-            label = (score.to(torch.float64) >= self.image_threshold).to(torch.int64)
+            label = (score >= self.image_threshold.to(torch.float32)).to(torch.int64)
         else:
             label = (num_regions > 0).to(torch.int64)
         return _HeadOut(
