@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _flat_nonzero, _row_runs, _run_pixels
+from torchdefects._runs import _flat_nonzero, _row_runs
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -41,10 +41,18 @@ class Regions(NamedTuple):
     score_mean: Tensor
 
 
-def _segment(values: Tensor, reduce: str, lengths: Tensor) -> Tensor:
-    if values.numel() == 0:
-        return torch.zeros(lengths.shape, dtype=values.dtype, device=values.device)
-    return torch.segment_reduce(values, reduce, lengths=lengths)
+def _empty_regions(device: torch.device, score_dtype: torch.dtype) -> Regions:
+    i64 = torch.empty(0, dtype=torch.int64, device=device)
+    f = torch.empty(0, dtype=score_dtype, device=device)
+    return Regions(
+        batch_index=i64,
+        label=i64,
+        area=i64,
+        bbox_xyxy=i64.view(0, 4),
+        centroid_xy=torch.empty((0, 2), dtype=torch.float64, device=device),
+        score_max=f,
+        score_mean=f,
+    )
 
 
 def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] = None) -> Regions:
@@ -53,15 +61,22 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     Args:
         labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)` integer labels, 0 for
             background and ``1..counts[b]`` for the regions of image ``b``, each
-            present (as :func:`~torchdefects.connected_components` returns them).
+            present and connected along rows (as
+            :func:`~torchdefects.connected_components` returns them).
         counts: int :math:`(B,)`, regions per image.
         anomaly_map: optional :math:`(B, H, W)` or :math:`(B, 1, H, W)` float map
-            for ``score_max`` / ``score_mean``; NaN pixels propagate.
+            for ``score_max`` / ``score_mean``; NaN pixels are ignored.
 
     Returns:
         :class:`Regions` ordered by ``(batch_index, label)``. Area, bbox and centroid
         equal ``cv2.connectedComponentsWithStats``; scores equal
-        ``scipy.ndimage.maximum`` / ``mean`` per label.
+        ``scipy.ndimage.maximum`` / ``mean`` per label over the pixels that are not
+        NaN. A score is never NaN when a map is given: a region whose pixels are all
+        NaN scores ``-inf``. Without a map both scores are NaN.
+
+    Note:
+        Two host synchronizations: listing the runs, and reading the number of
+        regions and of their pixels (one small read).
 
     Example:
         >>> mask = torch.tensor([[[1, 1, 0], [0, 0, 0], [0, 1, 1]]])
@@ -73,6 +88,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
     if counts.dim() != 1 or counts.shape[0] != b:
         raise ValueError(f"counts must have shape ({b},) to match labels, got {list(counts.shape)}")
+    score_dtype = torch.float32
     if anomaly_map is not None:
         amap = _as_bhw(anomaly_map, "anomaly_map")
         if amap.shape != lab.shape:
@@ -80,71 +96,89 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
                 f"anomaly_map must have the shape of labels {list(lab.shape)}, "
                 f"got {list(amap.shape)}"
             )
+        if amap.dtype == torch.float64:
+            score_dtype = torch.float64
     device = lab.device
+    if lab.numel() == 0:
+        return _empty_regions(device, score_dtype)
     counts = counts.to(torch.int64)
-    num_regions = int(counts.sum())
     first_of_image = torch.cumsum(counts, 0) - counts
 
-    row, start, end = _row_runs((lab != 0).reshape(b * h, w))
+    runs = _row_runs((lab != 0).reshape(b * h, w))
+    row, start, end = runs.row, runs.start, runs.end
     length = end - start
     image = torch.div(row, h, rounding_mode="floor")
     y = row - image * h
-    run_label = lab.reshape(-1).index_select(0, row * w + start).to(torch.int64)
-    if row.shape[0] > 0 and bool((run_label > counts.index_select(0, image)).any()):
+    first = row * w + start
+    run_label = lab.reshape(-1).index_select(0, first).to(torch.int64)
+    # One small read gives the sizes below: the number of regions and of their pixels,
+    # or -1 when a label exceeds its image's count.
+    numel = b * h * w
+    bad = (run_label > counts.index_select(0, image)).any()
+    packed = torch.where(bad, -1, counts.sum() * (numel + 1) + length.sum())
+    sizes = int(packed)
+    if sizes < 0:
         raise ValueError("labels hold a label larger than counts for its image")
+    num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
+    if num_regions == 0:
+        return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
-    i64 = torch.int64
-    area = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, length)
-    x1 = torch.full((num_regions,), w, dtype=i64, device=device)
-    x2 = torch.full((num_regions,), -1, dtype=i64, device=device)
-    y1 = torch.full((num_regions,), h, dtype=i64, device=device)
-    y2 = torch.full((num_regions,), -1, dtype=i64, device=device)
-    x1.scatter_reduce_(0, region, start, reduce="amin")
-    x2.scatter_reduce_(0, region, end - 1, reduce="amax")
-    y1.scatter_reduce_(0, region, y, reduce="amin")
-    y2.scatter_reduce_(0, region, y, reduce="amax")
-    # Sums of pixel coordinates are exact integers: a run adds start + ... + end - 1.
-    sum_x = torch.zeros(num_regions, dtype=i64, device=device)
-    sum_x.index_add_(0, region, torch.div((start + end - 1) * length, 2, rounding_mode="floor"))
-    sum_y = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, y * length)
-    denom = area.to(torch.float64)
-    centroid = torch.stack([sum_x.to(torch.float64) / denom, sum_y.to(torch.float64) / denom], 1)
+    # Integer statistics, exact: per run, then per region by scatter.
+    where2 = region.unsqueeze(1).expand(-1, 2)
+    where4 = region.unsqueeze(1).expand(-1, 4)
+    # A run adds start + ... + end - 1 to the sum of x.
+    sum_x = torch.div((start + end - 1) * length, 2, rounding_mode="floor")
+    per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length)], 1)
+    sums = torch.zeros((num_regions, 4), dtype=torch.int64, device=device)
+    sums = sums.scatter_add(0, where4, per_run)
+    empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
+    low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
+    last = torch.stack([end - 1, y], 1)
+    high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
+    area = sums[:, 0]
+    centroid = sums[:, 1:3].to(torch.float64) / area.to(torch.float64).unsqueeze(1)
 
     batch_index = torch.repeat_interleave(
         torch.arange(b, device=device), counts, output_size=num_regions
     )
-    label = torch.arange(num_regions, device=device) - first_of_image.index_select(0, batch_index)
+    label = torch.arange(1, num_regions + 1, device=device) - first_of_image.index_select(
+        0, batch_index
+    )
 
-    score_dtype = torch.float32
-    if anomaly_map is not None and anomaly_map.dtype == torch.float64:
-        score_dtype = torch.float64
     if anomaly_map is None:
         nan = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
         score_max, score_mean = nan, nan.clone()
     else:
-        flat = _as_bhw(anomaly_map, "anomaly_map").reshape(-1)
-        px = _run_pixels(row, start, end, w, b * h * w)
-        if px.sparse:
-            values = flat.index_select(0, px.pos)
-        else:
-            values = flat.index_select(0, _flat_nonzero(lab.reshape(-1) != 0))
+        # The map over every run pixel, run after run in raster order.
+        run = torch.repeat_interleave(
+            torch.arange(row.shape[0], device=device), length, output_size=num_pixels
+        )
+        shift = first - (torch.cumsum(length, 0) - length)
+        pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
+        values = _as_bhw(anomaly_map, "anomaly_map").reshape(-1).index_select(0, pos)
         values = values.to(score_dtype)
-        run_max = _segment(values, "max", length)
-        run_sum = _segment(values.to(torch.float64), "sum", length)
-        # Runs of a region, in raster order, reduced in that order.
+        nan = torch.isnan(values)
+        lowest = values.masked_fill(nan, float("-inf"))
+        run_max = torch.segment_reduce(lowest, "max", lengths=length)
+        both = torch.stack([values.to(torch.float64).masked_fill(nan, 0.0), (~nan).double()], 1)
+        run_sum = torch.segment_reduce(both, "sum", lengths=length, axis=0)
+        score_max = torch.full((num_regions,), float("-inf"), dtype=score_dtype, device=device)
+        score_max = score_max.scatter_reduce(0, region, run_max, "amax")
+        # Float sums depend on their order: the runs of a region are summed in raster
+        # order, the same on every call, device and batch position.
         order = torch.sort(region, stable=True).indices
-        runs_per_region = torch.zeros(num_regions, dtype=i64, device=device)
-        runs_per_region.index_add_(0, region, torch.ones_like(region))
-        score_max = _segment(run_max.index_select(0, order), "max", runs_per_region)
-        total = _segment(run_sum.index_select(0, order), "sum", runs_per_region)
-        score_mean = (total / denom).to(score_dtype)
+        total = torch.segment_reduce(
+            run_sum.index_select(0, order), "sum", lengths=sums[:, 3], axis=0
+        )
+        mean = total[:, 0] / total[:, 1]
+        score_mean = torch.where(total[:, 1] > 0, mean, float("-inf")).to(score_dtype)
 
     return Regions(
         batch_index=batch_index,
-        label=label + 1,
+        label=label,
         area=area,
-        bbox_xyxy=torch.stack([x1, y1, x2, y2], 1),
+        bbox_xyxy=torch.stack([low[:, 0], low[:, 1], high[:, 0], high[:, 1]], 1),
         centroid_xy=centroid,
         score_max=score_max,
         score_mean=score_mean,
