@@ -497,3 +497,22 @@ def test_python_number_threshold_and_numpy_input(maps):
         head(x, float("nan"))
     with pytest.raises(ValueError, match="pixel_threshold must be not NaN, got nan"):
         head(x, torch.tensor([0.5, float("nan"), 0.5, 0.5]))
+
+
+@pytest.mark.slow
+def test_torch_compile_cpu():
+    """torch.compile traces the head (graph breaks at the data-dependent sizes) and gives the
+    eager result; aot_eager, because Inductor's vectorized CPU kernels for padded bool masks
+    do not build (scripts/repro_inductor_bool_pad.py)."""
+    cfg = _cfg(STATIC)
+    maps = torch.from_numpy(realistic_maps(2, 24, 28, seed=2))
+    for static in (False, True):
+        head = DefectHead(cfg, static_output=static)
+        compiled = torch.compile(head, backend="aot_eager")
+        got, want = compiled(maps), head(maps)
+        if static:
+            for a, b in zip(got, want):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        else:
+            assert_defects_equal(got, want)
+    assert want.num_regions.sum() > 0
