@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
+from torchdefects._runs import _exporting, _paint, _row_runs, _Runs, _searchsorted
 
 __all__ = ["connected_components"]
 
@@ -46,8 +46,8 @@ def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tuple
     # Run j overlaps run i (columns s..e-1) when end_j > s - slack and start_j < e + slack;
     # runs end in raster order, so the first candidate is a binary search on the ends.
     # The sentinel after the last run is above every query, so j <= n.
-    key = torch.cat([row * stride + runs.end, row.new_full((1,), 2**62)])
-    j = torch.searchsorted(key, other_row * stride + start2 + (1 - slack))
+    key = torch.cat([row * stride + runs.end, row.new_full((1,), 2**60)])
+    j = _searchsorted(key, other_row * stride + start2 + (1 - slack))
     table = torch.cat([torch.stack([row, runs.start], 1), row.new_full((1, 2), -2)])
     look = table.index_select(0, j)
     end2 = torch.cat([runs.end, runs.end])
@@ -155,10 +155,10 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     runs, root = _components(fg, connectivity)
     # Roots are the first runs of their components, in raster order: a running count of
     # roots, minus the count before each image, numbers them as SciPy does.
-    rank = torch.cumsum(root == torch.arange(root.shape[0], device=root.device), 0)
-    first_run = torch.searchsorted(runs.row, torch.arange(b + 1, device=root.device) * h)
-    before = torch.cat([rank.new_zeros(1), rank]).index_select(0, first_run)
+    is_root = (root == torch.arange(root.shape[0], device=root.device)).to(torch.int64)
     image = torch.div(runs.row, h, rounding_mode="floor")
-    label = rank.index_select(0, root) - before.index_select(0, image)
+    counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
+    before = torch.cumsum(counts, 0) - counts
+    label = torch.cumsum(is_root, 0).index_select(0, root) - before.index_select(0, image)
     labels = _paint(runs.change, label.to(torch.int32))
-    return labels.view(mask.shape), before[1:] - before[:-1]
+    return labels.view(mask.shape), counts
