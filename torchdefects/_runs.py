@@ -76,10 +76,10 @@ def _paint(change: Tensor, values: Tensor) -> Tensor:
     counts are exact: the same map on every device, no host synchronization.
     """
     n, w1 = change.shape[0], change.shape[1]
-    count = torch.cumsum(change.reshape(-1), 0, dtype=torch.int32).view(n, w1)[:, : w1 - 1]
-    pairs = torch.stack([torch.zeros_like(values), values], 1).view(-1)
-    table = torch.cat([pairs, values.new_zeros(1)])
-    return table.index_select(0, count.reshape(-1)).view(n, w1 - 1)
+    count = torch.cumsum(change.view(-1), 0, dtype=torch.int32).view(n, w1).narrow(1, 0, w1 - 1)
+    table = values.new_zeros(2 * values.shape[0] + 1)
+    table[1::2] = values
+    return table[count]
 
 
 def _searchsorted(sorted_keys: Tensor, query: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     last = torch.stack([end - 1, y], 1)
     high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
     area = sums[:, 0]
-    centroid = sums[:, 1:3].to(torch.float64) / area.to(torch.float64).unsqueeze(1)
+    centroid = sums[:, 1:3].to(torch.float64) / sums[:, :1].to(torch.float64)
 
     batch_index = torch.repeat_interleave(
         torch.arange(b, device=device), counts, output_size=num_regions
@@ -156,7 +156,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         )
         shift = first - (torch.cumsum(length, 0) - length)
         pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
-        values = _as_bhw(anomaly_map, "anomaly_map").reshape(-1).index_select(0, pos)
+        values = anomaly_map.reshape(-1).index_select(0, pos)
         values = values.to(score_dtype)
         nan = torch.isnan(values)
         lowest = values.masked_fill(nan, float("-inf"))
@@ -178,7 +178,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         batch_index=batch_index,
         label=label,
         area=area,
-        bbox_xyxy=torch.stack([low[:, 0], low[:, 1], high[:, 0], high[:, 1]], 1),
+        bbox_xyxy=torch.cat([low, high], 1),
         centroid_xy=centroid,
         score_max=score_max,
         score_mean=score_mean,
