@@ -87,10 +87,10 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
     """Root of every node (the smallest node of its component), int64.
 
     Rounds of :func:`_hook_and_jump` until the two ends of every edge have the same
-    parent (a round changes nothing once that holds). Then every node of a component has one parent ``p`` (edges chain them),
+    parent. Then every node of a component has one parent ``p`` (edges chain them),
     ``p`` among them, so ``parent[p] == p``: ``p`` is the root and the trees are flat.
-    One host synchronization per two rounds (the check); under torch.export the loop is a
-    ``while_loop`` (TorchScript cannot compile one).
+    One host synchronization per two rounds (the check); under torch.export the loop
+    is a ``while_loop`` (TorchScript cannot compile one).
     """
     parent = _hook_and_jump(torch.arange(num_nodes, device=u.device), u, v)
     if not torch.jit.is_scripting():  # noqa: SIM102
