@@ -283,3 +283,18 @@ def test_fill_holes_random_batches_vs_scipy(device):
     out = fill_holes(x)
     np.testing.assert_array_equal(out.cpu().numpy(), np.stack([fill_ref(m) for m in randoms]))
     assert torch.equal(torch.jit.script(fill_holes)(x), out)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_huge_ksize_is_clamped_and_fast(op):
+    import time
+
+    m = random_masks(3, 2, 4, 4)
+    start = time.perf_counter()
+    out = OPS[op](m, 100000001)
+    assert time.perf_counter() - start < 1.0
+    # Any square wider than twice the image is equivalent: compare with OpenCV at 2*4+1.
+    expected = np.stack([cv2_ref(x[0].numpy(), op, 9) for x in m])[:, None]
+    np.testing.assert_array_equal(out.numpy(), expected)
+    expected_big = np.stack([cv2_ref(x[0].numpy(), op, 31) for x in m])[:, None]
+    np.testing.assert_array_equal(out.numpy(), expected_big)

@@ -76,7 +76,26 @@ def _paint(change: Tensor, values: Tensor) -> Tensor:
     counts are exact: the same map on every device, no host synchronization.
     """
     n, w1 = change.shape[0], change.shape[1]
-    count = torch.cumsum(change.reshape(-1), 0, dtype=torch.int32).view(n, w1)[:, : w1 - 1]
-    pairs = torch.stack([torch.zeros_like(values), values], 1).view(-1)
-    table = torch.cat([pairs, values.new_zeros(1)])
-    return table.index_select(0, count.reshape(-1)).view(n, w1 - 1)
+    count = torch.cumsum(change.view(-1), 0, dtype=torch.int32).view(n, w1).narrow(1, 0, w1 - 1)
+    table = values.new_zeros(2 * values.shape[0] + 1)
+    table[1::2] = values
+    return table[count]
+
+
+def _searchsorted(sorted_keys: Tensor, query: Tensor) -> Tensor:
+    """``torch.searchsorted(sorted_keys, query)`` (left side), int64.
+
+    ONNX has no binary search, so while exporting the same counts come from one sort of
+    keys and queries together: a query's answer is the number of keys sorted before it
+    (``2 k + 1`` for keys and ``2 q`` for queries breaks every tie the right way).
+    Keys must be distinct.
+    """
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            n = sorted_keys.shape[0]
+            both = torch.cat([sorted_keys * 2 + 1, query * 2])
+            order = torch.argsort(both)
+            keys_before = torch.cumsum((order < n).to(torch.int64), 0)
+            at = torch.empty_like(order).scatter_(0, order, torch.arange(both.shape[0]))
+            return keys_before.index_select(0, at[n:])
+    return torch.searchsorted(sorted_keys, query)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
+from torchdefects._runs import _exporting, _paint, _row_runs, _Runs, _searchsorted
 
 __all__ = ["connected_components"]
 
@@ -34,24 +34,25 @@ def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tuple
     and in the row below; a look that finds none gives a self-loop ``(i, i)``, which
     union-find ignores. No host synchronization.
     """
-    n = runs.row.shape[0]
     slack = 1 if connectivity == 8 else 0
     stride = width + 2
-    # A gap row between images keeps their runs apart.
+    # Keys of run bounds in raster order, with a gap row between images to keep them apart.
     row = runs.row + torch.div(runs.row, height, rounding_mode="floor")
-    node = torch.arange(n, device=row.device)
-    u = torch.cat([node, node])
-    other_row = torch.cat([row - 1, row + 1])
-    start2 = torch.cat([runs.start, runs.start])
-    # Run j overlaps run i (columns s..e-1) when end_j > s - slack and start_j < e + slack;
-    # runs end in raster order, so the first candidate is a binary search on the ends.
-    # The sentinel after the last run is above every query, so j <= n.
-    key = torch.cat([row * stride + runs.end, row.new_full((1,), 2**62)])
-    j = torch.searchsorted(key, other_row * stride + start2 + (1 - slack))
-    table = torch.cat([torch.stack([row, runs.start], 1), row.new_full((1, 2), -2)])
-    look = table.index_select(0, j)
-    end2 = torch.cat([runs.end, runs.end])
-    hit = (look[:, 0] == other_row) & (look[:, 1] < end2 + slack)
+    at_row = row * stride
+    first = at_row + runs.start
+    last = at_row + runs.end
+    # Run j overlaps run i (columns s..e-1) of the next or previous row when
+    # end_j > s - slack and start_j < e + slack; runs end in raster order, so the first
+    # candidate is a binary search on the ends. A candidate past the row fails the
+    # second test (stride > width + 1). The sentinel stops the search at n.
+    sentinel = row.new_full((1,), 2**60)
+    j = _searchsorted(
+        torch.cat([last, sentinel]),
+        torch.cat([first - stride, first + stride]) + (1 - slack),
+    )
+    limit = torch.cat([last - stride, last + stride]) + slack
+    hit = torch.cat([first, sentinel]).index_select(0, j) < limit
+    u = torch.arange(row.shape[0], device=row.device).repeat(2)
     return u, torch.where(hit, j, u)
 
 
@@ -88,8 +89,8 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
     Rounds of :func:`_hook_and_jump` until the two ends of every edge have the same
     parent. Then every node of a component has one parent ``p`` (edges chain them),
     ``p`` among them, so ``parent[p] == p``: ``p`` is the root and the trees are flat.
-    One host synchronization per round (the check); under torch.export the loop is a
-    ``while_loop`` (TorchScript cannot compile one).
+    One host synchronization per two rounds (the check); under torch.export the loop
+    is a ``while_loop`` (TorchScript cannot compile one).
     """
     parent = _hook_and_jump(torch.arange(num_nodes, device=u.device), u, v)
     if not torch.jit.is_scripting():  # noqa: SIM102
@@ -97,8 +98,11 @@ def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
             return _union_find_traced(parent, u, v)
     pu = parent.index_select(0, u)
     pv = parent.index_select(0, v)
+    # Two rounds per check: components of defect masks take three to five rounds, so
+    # this halves the host synchronizations for at most one round of extra work.
     while not torch.equal(pu, pv):
         parent = _hook_and_jump(parent, pu, pv)
+        parent = _hook_and_jump(parent, parent.index_select(0, u), parent.index_select(0, v))
         pu = parent.index_select(0, u)
         pv = parent.index_select(0, v)
     return parent
@@ -155,10 +159,10 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     runs, root = _components(fg, connectivity)
     # Roots are the first runs of their components, in raster order: a running count of
     # roots, minus the count before each image, numbers them as SciPy does.
-    rank = torch.cumsum(root == torch.arange(root.shape[0], device=root.device), 0)
-    first_run = torch.searchsorted(runs.row, torch.arange(b + 1, device=root.device) * h)
-    before = torch.cat([rank.new_zeros(1), rank]).index_select(0, first_run)
+    is_root = (root == torch.arange(root.shape[0], device=root.device)).to(torch.int64)
     image = torch.div(runs.row, h, rounding_mode="floor")
-    label = rank.index_select(0, root) - before.index_select(0, image)
+    counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
+    before = torch.cumsum(counts, 0) - counts
+    label = torch.cumsum(is_root, 0).index_select(0, root) - before.index_select(0, image)
     labels = _paint(runs.change, label.to(torch.int32))
-    return labels.view(mask.shape), before[1:] - before[:-1]
+    return labels.view(mask.shape), counts

@@ -178,7 +178,7 @@ def fill_holes(mask: Tensor) -> Tensor:
     if x.numel() == 0:
         return mask.clone()
     runs, root = _components(~x, 4)
-    y = torch.remainder(runs.row, height)
+    y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
     on_border = (y == 0) | (y == height - 1) | (runs.start == 0) | (runs.end == width)
     reaches_border = torch.zeros_like(root).scatter_reduce(
         0, root, on_border.to(torch.int64), reduce="amax"

@@ -137,7 +137,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     last = torch.stack([end - 1, y], 1)
     high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
     area = sums[:, 0]
-    centroid = sums[:, 1:3].to(torch.float64) / area.to(torch.float64).unsqueeze(1)
+    centroid = sums[:, 1:3].to(torch.float64) / sums[:, :1].to(torch.float64)
 
     batch_index = torch.repeat_interleave(
         torch.arange(b, device=device), counts, output_size=num_regions
@@ -156,7 +156,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         )
         shift = first - (torch.cumsum(length, 0) - length)
         pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
-        values = _as_bhw(anomaly_map, "anomaly_map").reshape(-1).index_select(0, pos)
+        values = anomaly_map.reshape(-1).index_select(0, pos)
         values = values.to(score_dtype)
         nan = torch.isnan(values)
         lowest = values.masked_fill(nan, float("-inf"))
@@ -178,7 +178,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         batch_index=batch_index,
         label=label,
         area=area,
-        bbox_xyxy=torch.stack([low[:, 0], low[:, 1], high[:, 0], high[:, 1]], 1),
+        bbox_xyxy=torch.cat([low, high], 1),
         centroid_xy=centroid,
         score_max=score_max,
         score_mean=score_mean,
@@ -229,35 +229,35 @@ def select_regions(
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = regions.area.device
     total = regions.area.shape[0]
-
-    keep = _flat_nonzero(regions.area >= min_area)
-    out = _take(regions, keep)
+    drop = regions.area < min_area
     # Lexicographic sort by successive stable sorts, least significant key first; the
-    # input is ordered by (batch_index, label) already.
-    order = torch.sort(out.area, descending=True, stable=True).indices
-    score = out.score_max.index_select(0, order)
+    # input is ordered by (batch_index, label) already. Dropped regions go last in
+    # their image, so the first max_regions of each image are the kept ones.
+    order = torch.sort(regions.area, descending=True, stable=True).indices
+    score = regions.score_max.index_select(0, order)
     order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    batch = out.batch_index.index_select(0, order)
-    order = order.index_select(0, torch.sort(batch, stable=True).indices)
-    out = _take(out, order)
-
-    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
-    num_regions.index_add_(0, out.batch_index, torch.ones_like(out.batch_index))
+    group = (regions.batch_index * 2 + drop.to(torch.int64)).index_select(0, order)
+    order = order.index_select(0, torch.sort(group, stable=True).indices)
+    batch = regions.batch_index.index_select(0, order)
+    # Rank of each region in its image: its position minus that of the image's first.
+    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
+    chosen = ~drop.index_select(0, order)
     if max_regions is not None:
-        first_kept = torch.cumsum(num_regions, 0) - num_regions
-        rank = torch.arange(out.area.shape[0], device=device)
-        rank = rank - first_kept.index_select(0, out.batch_index)
-        out = _take(out, _flat_nonzero(rank < max_regions))
-        num_regions = num_regions.clamp(max=max_regions)
+        chosen = chosen & (rank < max_regions)
+    out = _take(regions, order.index_select(0, _flat_nonzero(chosen)))
+    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
+    num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
 
     if out.area.shape[0] == total:
         return labels, out, num_regions
-    # Relabel through a per-image table: entry (b, l) is l if region l of image b is kept.
+    # Relabel through a table over every (image, label) pair: entry b * (H * W + 1) + l
+    # is l if region l of image b is kept, else 0.
     lab = _as_bhw(labels, "labels")
-    b = lab.shape[0]
-    width = int(regions.label.max()) + 1 if total > 0 else 1
+    b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
+    width = h * w + 1
+    key_dtype = lab.dtype if num_images * width < 2**31 else torch.int64
     table = torch.zeros(num_images * width, dtype=lab.dtype, device=device)
-    table.index_copy_(0, out.batch_index * width + out.label, out.label.to(lab.dtype))
-    base = (torch.arange(b, device=device) * width).to(lab.dtype).view(b, 1, 1)
-    kept = table.index_select(0, (lab + base).reshape(-1)).view(labels.shape)
+    table = table.index_put((out.batch_index * width + out.label,), out.label.to(lab.dtype))
+    base = (torch.arange(b, device=device) * width).to(key_dtype).view(b, 1, 1)
+    kept = table.index_select(0, (lab.to(key_dtype) + base).reshape(-1)).view(labels.shape)
     return kept, out, num_regions
