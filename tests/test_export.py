@@ -294,26 +294,23 @@ def test_torch_export_prefix_with_dynamic_batch():
 # ----------------------------------------------------------------------------
 
 
-def _labeling_exports() -> bool:
-    """Whether labeling traces under torch.export (the graph issue's while_loop path)."""
-    from torchdefects.components import connected_components
-
-    class _Label(nn.Module):
-        def forward(self, mask: Tensor) -> Tuple[Tensor, Tensor]:
-            return connected_components(mask, 8)
-
+def _head_exports() -> bool:
+    """Whether the whole head traces under torch.export (labeling, fill holes, stats and
+    selection take the graph issue's export path)."""
+    cfg = DefectsConfig(pixel_threshold=0.5, fill_holes=True, min_area=2, max_regions=2)
     try:
-        torch.export.export(_Label(), (torch.rand(2, 1, 8, 8) > 0.5,))
+        torch.export.export(DefectHead(cfg, static_output=True), (torch.rand(2, 1, 8, 8),))
     except Exception:
         return False
     return True
 
 
-# Until labeling exports (the graph issue), the whole head cannot: these tests then fail
-# strictly as expected and start passing, loudly (XPASS(strict) fails), when it lands.
+# Until the whole head exports (the graph issue), these tests fail strictly as expected and
+# start passing, loudly (XPASS(strict) fails), when it lands: then drop the marker.
 needs_exportable_labeling = pytest.mark.xfail(
-    not _labeling_exports(), reason="labeling does not trace under torch.export yet", strict=True
+    not _head_exports(), reason="the head does not trace under torch.export yet", strict=True
 )
+
 
 EXPORT_CFG = dict(CFG, image_threshold=0.8)
 
@@ -556,3 +553,38 @@ def test_export_plumbing_with_static_labeling(tmp_path, monkeypatch):
     got = {k: torch.from_numpy(v) for k, v in got.items()}
     assert_static_equal(got, head(x), uint8_mask=True)
     assert onnx_metadata(tmp_path / "h.onnx")["provenance"] == {"source": "config"}
+
+
+def _doc_blocks():
+    """The Python blocks of docs/deployment.md: (before the torch.export section, from it)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "deployment.md")) as f:
+        text = f.read()
+    cut = text.index("## torch.export")
+    blocks = [re.findall(r"```python\n(.*?)```", part, re.S) for part in (text[:cut], text[cut:])]
+    return blocks[0], blocks[1]
+
+
+def _run_blocks(blocks, namespace):
+    for code in blocks:
+        exec(compile(code, "docs/deployment.md", "exec"), namespace)
+
+
+def test_deployment_doc_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before, _ = _doc_blocks()
+    assert len(before) >= 5
+    _run_blocks(before, {})
+
+
+@needs_exportable_labeling
+@pytest.mark.slow
+def test_deployment_doc_export_examples_run(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    before, after = _doc_blocks()
+    namespace: Dict[str, object] = {}
+    _run_blocks(before + after, namespace)
+    assert (tmp_path / "head.onnx").exists() and (tmp_path / "head.pt2").exists()
