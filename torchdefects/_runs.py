@@ -44,15 +44,16 @@ def _flat_nonzero(x: Tensor) -> Tensor:
 class _Runs(NamedTuple):
     """The runs of a stack of rows, in raster order.
 
-    Run ``i`` covers columns ``start[i] .. end[i] - 1`` of row ``row[i]``. ``change``
-    is the :math:`(N, W + 1)` map of value changes the runs were read from (see
-    :func:`_paint`).
+    Run ``i`` covers columns ``start[i] .. end[i] - 1`` of row ``row[i]``. ``count`` is
+    the flat prefix count of the value changes over the rows padded with one column
+    (:math:`N (W + 1)` int32): ``2 i + 1`` on the pixels of run ``i``, ``2 i`` on the
+    background before it. It answers "which run is here, or next" with one gather.
     """
 
     row: Tensor  # int64 (R,)
     start: Tensor  # int64 (R,)
     end: Tensor  # int64 (R,), exclusive
-    change: Tensor  # bool (N, W + 1)
+    count: Tensor  # int32 (N * (W + 1),)
 
 
 def _row_runs(fg: Tensor) -> _Runs:
@@ -61,41 +62,21 @@ def _row_runs(fg: Tensor) -> _Runs:
     # A background column on each side makes every run start and end inside its row, so
     # the flat positions of the changes alternate start, end, start, end, ...
     padded = torch.nn.functional.pad(fg, [1, 1])
-    change = padded[:, 1:] != padded[:, :-1]
-    flat = _flat_nonzero(change.reshape(-1)).view(-1, 2)
+    change = (padded[:, 1:] != padded[:, :-1]).view(-1)
+    flat = _flat_nonzero(change).view(-1, 2)
     row = torch.div(flat[:, 0], w + 1, rounding_mode="floor")
     bounds = flat - (row * (w + 1)).unsqueeze(1)
-    return _Runs(row, bounds[:, 0], bounds[:, 1], change)
+    return _Runs(row, bounds[:, 0], bounds[:, 1], torch.cumsum(change, 0, dtype=torch.int32))
 
 
-def _paint(change: Tensor, values: Tensor) -> Tensor:
+def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:
     """:math:`(N, W)` map holding ``values[i]`` on the pixels of run ``i``, 0 elsewhere.
 
-    A prefix count of the changes is ``2 i + 1`` on the pixels of run ``i`` and even off
-    the runs, so one gather from ``[0, v0, 0, v1, 0, ...]`` paints every run. Integer
-    counts are exact: the same map on every device, no host synchronization.
+    One gather from ``[0, v0, 0, v1, 0, ...]`` by the change count (odd on run ``i``'s
+    pixels, even off the runs). Integer counts are exact: the same map on every device,
+    no host synchronization.
     """
-    n, w1 = change.shape[0], change.shape[1]
-    count = torch.cumsum(change.view(-1), 0, dtype=torch.int32).view(n, w1).narrow(1, 0, w1 - 1)
     table = values.new_zeros(2 * values.shape[0] + 1)
     table[1::2] = values
-    return table[count]
-
-
-def _searchsorted(sorted_keys: Tensor, query: Tensor) -> Tensor:
-    """``torch.searchsorted(sorted_keys, query)`` (left side), int64.
-
-    ONNX has no binary search, so while exporting the same counts come from one sort of
-    keys and queries together: a query's answer is the number of keys sorted before it
-    (``2 k + 1`` for keys and ``2 q`` for queries breaks every tie the right way).
-    Keys must be distinct.
-    """
-    if not torch.jit.is_scripting():  # noqa: SIM102
-        if _exporting():
-            n = sorted_keys.shape[0]
-            both = torch.cat([sorted_keys * 2 + 1, query * 2])
-            order = torch.argsort(both)
-            keys_before = torch.cumsum((order < n).to(torch.int64), 0)
-            at = torch.empty_like(order).scatter_(0, order, torch.arange(both.shape[0]))
-            return keys_before.index_select(0, at[n:])
-    return torch.searchsorted(sorted_keys, query)
+    count = runs.count.view(-1, width + 1).narrow(1, 0, width)
+    return table.index_select(0, count.reshape(-1)).view(-1, width)

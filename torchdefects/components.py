@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _exporting, _paint, _row_runs, _Runs, _searchsorted
+from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
 
 __all__ = ["connected_components"]
 
@@ -30,29 +30,31 @@ def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tuple
     Two sorted lists of disjoint intervals (the runs of two consecutive rows) overlap
     in a staircase: every overlapping pair ``(i, j)`` has ``j`` the first run of its
     row that overlaps ``i``, or ``i`` the first run of its row that overlaps ``j``. So
-    each run looks up, by binary search, the first run it overlaps in the row above
-    and in the row below; a look that finds none gives a self-loop ``(i, i)``, which
-    union-find ignores. No host synchronization.
+    each run looks up the first run it may overlap in the row above and in the row
+    below: the run at, or next after, column ``start - slack`` of that row, which the
+    change count gives in one gather. A look that finds no overlap gives a self-loop
+    ``(i, i)``, which union-find ignores. No host synchronization.
     """
+    n = runs.row.shape[0]
     slack = 1 if connectivity == 8 else 0
-    stride = width + 2
-    # Keys of run bounds in raster order, with a gap row between images to keep them apart.
-    row = runs.row + torch.div(runs.row, height, rounding_mode="floor")
-    at_row = row * stride
-    first = at_row + runs.start
-    last = at_row + runs.end
-    # Run j overlaps run i (columns s..e-1) of the next or previous row when
-    # end_j > s - slack and start_j < e + slack; runs end in raster order, so the first
-    # candidate is a binary search on the ends. A candidate past the row fails the
-    # second test (stride > width + 1). The sentinel stops the search at n.
-    sentinel = row.new_full((1,), 2**60)
-    j = _searchsorted(
-        torch.cat([last, sentinel]),
-        torch.cat([first - stride, first + stride]) + (1 - slack),
+    num_pixels = runs.count.shape[0]
+    step = width + 1
+    # Run j of row r +- 1 overlaps run i (columns s..e-1) of row r when
+    # end_j > s - slack and start_j < e + slack.
+    at = (runs.row * step + runs.start - slack).repeat(2)
+    at = (at + torch.cat([-runs.row.new_full((n,), step), runs.row.new_full((n,), step)])).clamp(
+        0, num_pixels - 1
     )
-    limit = torch.cat([last - stride, last + stride]) + slack
-    hit = torch.cat([first, sentinel]).index_select(0, j) < limit
-    u = torch.arange(row.shape[0], device=row.device).repeat(2)
+    j = torch.bitwise_right_shift(runs.count.index_select(0, at), 1).to(torch.int64)
+    # Checks on keys with a gap row between images (a look never crosses into the next
+    # image): run j must start in the row looked at, before e + slack. Past the last
+    # run, j = n finds the sentinel, which fails.
+    stride = width + 2
+    row = runs.row + torch.div(runs.row, height, rounding_mode="floor")
+    at_row = torch.cat([row - 1, row + 1]) * stride
+    first = torch.cat([row * stride + runs.start, row.new_full((1,), 2**60)]).index_select(0, j)
+    hit = (first >= at_row) & (first < at_row + (runs.end + slack).repeat(2))
+    u = torch.arange(n, device=row.device).repeat(2)
     return u, torch.where(hit, j, u)
 
 
@@ -164,5 +166,5 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
     before = torch.cumsum(counts, 0) - counts
     label = torch.cumsum(is_root, 0).index_select(0, root) - before.index_select(0, image)
-    labels = _paint(runs.change, label.to(torch.int32))
+    labels = _paint(runs, label.to(torch.int32), mask.shape[-1])
     return labels.view(mask.shape), counts

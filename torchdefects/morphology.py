@@ -184,5 +184,5 @@ def fill_holes(mask: Tensor) -> Tensor:
         0, root, on_border.to(torch.int64), reduce="amax"
     )
     is_hole = reaches_border.index_select(0, root) == 0
-    filled = x | _paint(runs.change, is_hole).view(b, height, width)
+    filled = x | _paint(runs, is_hole, width).view(b, height, width)
     return filled.reshape(mask.shape)
