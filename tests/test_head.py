@@ -1,3 +1,4 @@
+import copy
 import math
 
 import cv2
@@ -455,6 +456,7 @@ def test_static_output(maps, device):
     flat = DefectHead(cfg).to(device)(x)
     head = DefectHead(cfg, static_output=True).to(device)
     assert isinstance(head, DefectHead) and type(head).__name__ == "StaticDefectHead"
+    assert type(copy.deepcopy(head)) is type(head)  # __new__ keeps copy and pickle working
     out = head(x)
     assert type(out).__name__ == "StaticDefects"
     assert (flat.num_regions == 3).any() and (flat.num_regions < 3).any()  # full and padded
