@@ -61,7 +61,7 @@ class _Runs(NamedTuple):
     row: Tensor  # int64 (R,)
     start: Tensor  # int64 (R,)
     end: Tensor  # int64 (R,), exclusive
-    count: Tensor  # int32 (N * (W + 1),)
+    count: Tensor  # int32 (int64 from 2**31 pixels) (N * (W + 1),)
 
 
 def _row_runs(fg: Tensor, with_count: bool = True) -> _Runs:
@@ -79,7 +79,9 @@ def _row_runs(fg: Tensor, with_count: bool = True) -> _Runs:
     bounds = flat - (row * (w + 1)).unsqueeze(1)
     count = torch.empty(0, dtype=torch.int32, device=fg.device)
     if with_count:
-        count = torch.cumsum(change, 0, dtype=torch.int32)
+        # int32 halves the traffic; a batch of 2**31 pixels or more needs int64.
+        wide = change.shape[0] >= 2**31
+        count = torch.cumsum(change, 0, dtype=torch.int64 if wide else torch.int32)
     return _Runs(row, bounds[:, 0], bounds[:, 1], count)
 
 
