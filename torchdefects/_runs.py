@@ -28,6 +28,15 @@ def _exporting() -> bool:
     return False
 
 
+def _eager_cpu(x: Tensor) -> bool:
+    """True for a plain CPU tensor outside TorchScript and export (NumPy may read it)."""
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        # Plain tensors only: the fake tensors of torch.export / torch.compile have no data.
+        if x.device.type == "cpu" and type(x) is torch.Tensor and not _exporting():
+            return True
+    return False
+
+
 def _flat_nonzero(x: Tensor) -> Tensor:
     """Indices of the nonzero elements of a 1-D tensor, ascending, int64.
 
@@ -35,8 +44,7 @@ def _flat_nonzero(x: Tensor) -> Tensor:
     ``torch.nonzero`` on CPU (measured in docs/benchmarks.md); the result is the same.
     """
     if not torch.jit.is_scripting():  # noqa: SIM102
-        # Plain tensors only: the fake tensors of torch.export / torch.compile have no data.
-        if x.device.type == "cpu" and type(x) is torch.Tensor and not _exporting():
+        if _eager_cpu(x):
             return torch.from_numpy(np.flatnonzero(x.numpy()))
     return torch.nonzero(x).view(-1)
 
@@ -53,11 +61,14 @@ class _Runs(NamedTuple):
     row: Tensor  # int64 (R,)
     start: Tensor  # int64 (R,)
     end: Tensor  # int64 (R,), exclusive
-    count: Tensor  # int32 (N * (W + 1),)
+    count: Tensor  # int32 (int64 from 2**31 pixels) (N * (W + 1),)
 
 
-def _row_runs(fg: Tensor) -> _Runs:
-    """Runs of ``True`` in each row of ``fg`` (bool :math:`(N, W)`, rows stacked)."""
+def _row_runs(fg: Tensor, with_count: bool = True) -> _Runs:
+    """Runs of ``True`` in each row of ``fg`` (bool :math:`(N, W)`, rows stacked).
+
+    ``with_count=False`` leaves ``count`` empty (it costs a pass over the pixels).
+    """
     w = fg.shape[1]
     # A background column on each side makes every run start and end inside its row, so
     # the flat positions of the changes alternate start, end, start, end, ...
@@ -66,7 +77,12 @@ def _row_runs(fg: Tensor) -> _Runs:
     flat = _flat_nonzero(change).view(-1, 2)
     row = torch.div(flat[:, 0], w + 1, rounding_mode="floor")
     bounds = flat - (row * (w + 1)).unsqueeze(1)
-    return _Runs(row, bounds[:, 0], bounds[:, 1], torch.cumsum(change, 0, dtype=torch.int32))
+    count = torch.empty(0, dtype=torch.int32, device=fg.device)
+    if with_count:
+        # int32 halves the traffic; a batch of 2**31 pixels or more needs int64.
+        wide = change.shape[0] >= 2**31
+        count = torch.cumsum(change, 0, dtype=torch.int64 if wide else torch.int32)
+    return _Runs(row, bounds[:, 0], bounds[:, 1], count)
 
 
 def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _flat_nonzero, _row_runs
+from torchdefects._runs import _eager_cpu, _flat_nonzero, _row_runs
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -104,7 +104,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     counts = counts.to(torch.int64)
     first_of_image = torch.cumsum(counts, 0) - counts
 
-    runs = _row_runs((lab != 0).reshape(b * h, w))
+    runs = _row_runs((lab != 0).reshape(b * h, w), with_count=False)
     row, start, end = runs.row, runs.start, runs.end
     length = end - start
     image = torch.div(row, h, rounding_mode="floor")
@@ -124,14 +124,39 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
+    # Scores per run: the map over every run pixel, run after run in raster order.
+    valid = length
+    run_max = torch.empty(0, dtype=score_dtype, device=device)
+    run_sum = torch.empty(0, dtype=torch.float64, device=device)
+    if anomaly_map is not None:
+        if _eager_cpu(lab):
+            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
+            pos = _flat_nonzero(lab.reshape(-1) != 0)
+        else:
+            run = torch.repeat_interleave(
+                torch.arange(row.shape[0], device=device), length, output_size=num_pixels
+            )
+            shift = first - torch.cumsum(length, 0) + length
+            pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
+        values = anomaly_map.reshape(-1).index_select(0, pos).to(score_dtype)
+        nan = torch.isnan(values)
+        run_max = torch.segment_reduce(
+            values.masked_fill(nan, float("-inf")), "max", lengths=length
+        )
+        sums64 = values.to(torch.float64).masked_fill(nan, 0.0)
+        run_sum = torch.segment_reduce(sums64, "sum", lengths=length)
+        # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
+        valid_px = (~nan).to(torch.float32)
+        valid = torch.segment_reduce(valid_px, "sum", lengths=length).to(torch.int64)
+
     # Integer statistics, exact: per run, then per region by scatter.
     where2 = region.unsqueeze(1).expand(-1, 2)
-    where4 = region.unsqueeze(1).expand(-1, 4)
+    where5 = region.unsqueeze(1).expand(-1, 5)
     # A run adds start + ... + end - 1 to the sum of x.
     sum_x = torch.div((start + end - 1) * length, 2, rounding_mode="floor")
-    per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length)], 1)
-    sums = torch.zeros((num_regions, 4), dtype=torch.int64, device=device)
-    sums = sums.scatter_add(0, where4, per_run)
+    per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length), valid], 1)
+    sums = torch.zeros((num_regions, 5), dtype=torch.int64, device=device)
+    sums = sums.scatter_add(0, where5, per_run)
     empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
     low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
     last = torch.stack([end - 1, y], 1)
@@ -147,32 +172,18 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     )
 
     if anomaly_map is None:
-        nan = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
-        score_max, score_mean = nan, nan.clone()
+        nan_scores = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
+        score_max, score_mean = nan_scores, nan_scores.clone()
     else:
-        # The map over every run pixel, run after run in raster order.
-        run = torch.repeat_interleave(
-            torch.arange(row.shape[0], device=device), length, output_size=num_pixels
-        )
-        shift = first - (torch.cumsum(length, 0) - length)
-        pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
-        values = anomaly_map.reshape(-1).index_select(0, pos)
-        values = values.to(score_dtype)
-        nan = torch.isnan(values)
-        lowest = values.masked_fill(nan, float("-inf"))
-        run_max = torch.segment_reduce(lowest, "max", lengths=length)
-        both = torch.stack([values.to(torch.float64).masked_fill(nan, 0.0), (~nan).double()], 1)
-        run_sum = torch.segment_reduce(both, "sum", lengths=length, axis=0)
         score_max = torch.full((num_regions,), float("-inf"), dtype=score_dtype, device=device)
         score_max = score_max.scatter_reduce(0, region, run_max, "amax")
         # Float sums depend on their order: the runs of a region are summed in raster
         # order, the same on every call, device and batch position.
         order = torch.sort(region, stable=True).indices
-        total = torch.segment_reduce(
-            run_sum.index_select(0, order), "sum", lengths=sums[:, 3], axis=0
-        )
-        mean = total[:, 0] / total[:, 1]
-        score_mean = torch.where(total[:, 1] > 0, mean, float("-inf")).to(score_dtype)
+        total = torch.segment_reduce(run_sum.index_select(0, order), "sum", lengths=sums[:, 3])
+        count = sums[:, 4]
+        mean = total / count.to(torch.float64)
+        score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
 
     return Regions(
         batch_index=batch_index,
