@@ -294,24 +294,6 @@ def test_torch_export_prefix_with_dynamic_batch():
 # ----------------------------------------------------------------------------
 
 
-def _head_exports() -> bool:
-    """Whether the whole head traces under torch.export (labeling, fill holes, stats and
-    selection take the graph issue's export path)."""
-    cfg = DefectsConfig(pixel_threshold=0.5, fill_holes=True, min_area=2, max_regions=2)
-    try:
-        torch.export.export(DefectHead(cfg, static_output=True), (torch.rand(2, 1, 8, 8),))
-    except Exception:
-        return False
-    return True
-
-
-# Until the whole head exports (the graph issue), these tests fail strictly as expected and
-# start passing, loudly (XPASS(strict) fails), when it lands: then drop the marker.
-needs_exportable_labeling = pytest.mark.xfail(
-    not _head_exports(), reason="the head does not trace under torch.export yet", strict=True
-)
-
-
 EXPORT_CFG = dict(CFG, image_threshold=0.8)
 
 
@@ -438,7 +420,6 @@ PT2_SCRIPT = textwrap.dedent(
 )
 
 
-@needs_exportable_labeling
 def test_pt2_matches_eager_and_loads_without_torchdefects(tmp_path):
     cfg = DefectsConfig(**EXPORT_CFG)
     head = DefectHead(cfg, static_output=True)
@@ -475,7 +456,6 @@ def test_pt2_matches_eager_and_loads_without_torchdefects(tmp_path):
     assert_static_equal(results["out"], want)
 
 
-@needs_exportable_labeling
 def test_pt2_with_detector(tmp_path, images):
     cfg = DefectsConfig(**CFG)
     detector = DictDetector().eval()
@@ -487,7 +467,6 @@ def test_pt2_with_detector(tmp_path, images):
     assert_static_equal(module(images), want)
 
 
-@needs_exportable_labeling
 @pytest.mark.slow
 def test_onnx_matches_eager(tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -579,7 +558,6 @@ def test_deployment_doc_examples_run(tmp_path, monkeypatch):
     _run_blocks(before, {})
 
 
-@needs_exportable_labeling
 @pytest.mark.slow
 def test_deployment_doc_export_examples_run(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")

@@ -475,6 +475,26 @@ def test_static_output(maps, device):
     assert (empty.num_regions == 0).all() and (empty.boxes == 0).all()
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [STATIC, dict(max_regions=1), dict(max_regions=40, connectivity=4, fill_holes=True)]
+    + [dict(CONFIGS[i], max_regions=CONFIGS[i].get("max_regions", 4)) for i in (8, 11, 14, 17)],
+)
+def test_static_traced_path_equals_eager(overrides, maps, device):
+    """The forward torch.export / compile trace (fixed-size tables, K argmax rounds) against
+    the eager one (flat regions, then padding) on realistic and NaN maps and a 2x3 map."""
+    head = DefectHead(_cfg(overrides), static_output=True).to(device)
+    for x in (torch.from_numpy(maps), torch.from_numpy(nan_maps()), torch.rand(2, 1, 2, 3)):
+        x = x.to(device)
+        want, got = head(x), head._forward_static(x)
+        for name, a, b in zip(want._fields, want, got):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if name in ("score_mean", "centroid"):  # sums in another order
+                torch.testing.assert_close(b, a, rtol=1.2e-7, atol=0, equal_nan=True)
+            else:
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
 def test_static_output_needs_max_regions():
     with pytest.raises(ValueError, match=r"static_output=True needs config\.max_regions"):
         DefectHead(DefectsConfig(pixel_threshold=0.5), static_output=True)

@@ -2,7 +2,7 @@
 
 import json
 from dataclasses import replace
-from typing import Any, Final, NamedTuple, Optional, Tuple
+from typing import Any, Final, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,7 @@ from torchdefects._check import (
     _check_finite_values,
     _check_float_map,
     _check_tensor,
+    _is_tracing,
     _number_or_tensor,
 )
 from torchdefects.components import connected_components
@@ -260,9 +261,10 @@ class DefectHead(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
-    def _run(
-        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
-    ) -> _HeadOut:
+    def _labels(
+        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Threshold, gates, morphology, labeling: ``(x, xc, allowed, thr, labels, counts)``."""
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
         batch, height, width = x.shape[0], x.shape[2], x.shape[3]
@@ -294,10 +296,13 @@ class DefectHead(nn.Module):
         if self.fill_holes:
             mask = fill_holes(mask) & allowed
         labels, counts = connected_components(mask, self.connectivity)
-        regions = region_stats(labels, counts, x)
-        labels, regions, num_regions = select_regions(
-            labels, regions, batch, self.min_area, self.max_regions
-        )
+        return x, xc, allowed, thr, labels, counts
+
+    def _image(
+        self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(roi_max, roi_mean, image_score, image_label)``."""
+        batch, height, width = xc.shape[0], xc.shape[2], xc.shape[3]
         roi_max, roi_mean = _masked_stats(
             xc.reshape(batch, height * width), allowed.reshape(batch, height * width)
         )
@@ -305,12 +310,23 @@ class DefectHead(nn.Module):
             score = roi_max
         else:
             score = _as_per_image(image_score, batch, "image_score").to(
-                device=x.device, dtype=torch.float32
+                device=xc.device, dtype=torch.float32
             )
         if self.has_image_threshold:
             label = (score >= self.image_threshold.to(torch.float32)).to(torch.int64)
         else:
             label = (num_regions > 0).to(torch.int64)
+        return roi_max, roi_mean, score, label
+
+    def _run(
+        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
+    ) -> _HeadOut:
+        x, xc, allowed, thr, labels, counts = self._labels(anomaly_map, pixel_threshold)
+        regions = region_stats(labels, counts, x)
+        labels, regions, num_regions = select_regions(
+            labels, regions, x.shape[0], self.min_area, self.max_regions
+        )
+        roi_max, roi_mean, score, label = self._image(xc, allowed, num_regions, image_score)
         return _HeadOut(
             labels=labels,
             num_regions=num_regions,
@@ -394,6 +410,8 @@ class StaticDefectHead(DefectHead):
             anomaly_map, pixel_threshold, image_score = _eager_args(
                 anomaly_map, pixel_threshold, image_score
             )
+        if not torch.jit.is_scripting() and _is_tracing():
+            return self._forward_static(anomaly_map, pixel_threshold, image_score)
         out = self._run(anomaly_map, pixel_threshold, image_score)
         boxes, area, label, centroid, score_max, score_mean = _pad_regions(
             out.regions, out.num_regions, self.capacity
@@ -414,3 +432,130 @@ class StaticDefectHead(DefectHead):
             image_score=out.image_score,
             image_label=out.image_label,
         )
+
+    @torch.jit.unused
+    def _forward_static(
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor] = None,
+        image_score: Optional[Tensor] = None,
+    ) -> StaticDefects:
+        """The forward that torch.export and torch.compile trace: no data-dependent size.
+
+        Statistics go into a per-image table indexed by label (every label of an image is
+        below ``H * W``), the selection is a per-image sort of that table, and the first
+        ``K`` entries are the output. Same results as the eager forward (integers bit-equal;
+        ``score_mean`` sums in another order, so equal to float32 rounding).
+        """
+        x, xc, allowed, thr, labels, _ = self._labels(anomaly_map, pixel_threshold)
+        out = _static_regions(labels, x, self.min_area, self.capacity)
+        labels_kept, num_regions, boxes, area, label, centroid, score_max, score_mean = out
+        roi_max, roi_mean, score, image_label = self._image(xc, allowed, num_regions, image_score)
+        return StaticDefects(
+            mask=labels_kept != 0,
+            labels=labels_kept,
+            num_regions=num_regions,
+            boxes=boxes,
+            area=area,
+            label=label,
+            centroid=centroid,
+            score_max=score_max,
+            score_mean=score_mean,
+            roi_max=roi_max,
+            roi_mean=roi_mean,
+            pixel_threshold_used=thr.to(torch.float32),
+            image_score=score,
+            image_label=image_label,
+        )
+
+
+def _static_regions(
+    labels: Tensor, anomaly_map: Tensor, min_area: int, capacity: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Region stats and selection with static shapes (see ``StaticDefectHead._forward_static``).
+
+    Returns ``(labels, num_regions, boxes, area, label, centroid, score_max, score_mean)`` as
+    in :class:`StaticDefects`. Table column ``j`` of image ``b`` holds label ``j`` (0 is the
+    background, never selected); ``capacity`` spare columns keep ``K`` columns even for maps
+    with fewer pixels. Scatters with a reduction (ONNX ``ScatterElements``) handle repeated
+    indices, which ``index_add`` translated to ``ScatterND`` does not.
+    """
+    b, h, w = labels.shape[0], labels.shape[-2], labels.shape[-1]
+    n = h * w
+    width = n + 1 + capacity
+    device = labels.device
+    lab = labels.reshape(b, n).to(torch.int64)
+    index = (lab + torch.arange(b, device=device).unsqueeze(1) * width).reshape(-1)
+    size = b * width
+    pos = torch.arange(n, device=device)
+    row = torch.div(pos, w, rounding_mode="floor")
+    xs = (pos - row * w).expand(b, n).reshape(-1)
+    ys = row.expand(b, n).reshape(-1)
+    i64 = torch.int64
+    ones = torch.ones(b * n, dtype=i64, device=device)
+    area = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, ones)
+    x1 = torch.full((size,), w, dtype=i64, device=device).scatter_reduce(0, index, xs, "amin")
+    x2 = torch.full((size,), -1, dtype=i64, device=device).scatter_reduce(0, index, xs, "amax")
+    y1 = torch.full((size,), h, dtype=i64, device=device).scatter_reduce(0, index, ys, "amin")
+    y2 = torch.full((size,), -1, dtype=i64, device=device).scatter_reduce(0, index, ys, "amax")
+    sum_x = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, xs)
+    sum_y = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, ys)
+    score_dtype = torch.float64 if anomaly_map.dtype == torch.float64 else torch.float32
+    values = anomaly_map.reshape(-1).to(score_dtype)
+    fg = lab.reshape(-1) != 0
+    # Background pixels (NaN included) go to column 0 but must not poison a region: mask them.
+    values = torch.where(fg, values, torch.zeros_like(values))
+    smax = torch.full((size,), float("-inf"), dtype=score_dtype, device=device)
+    smax = smax.scatter_reduce(0, index, values, "amax")
+    ssum = torch.zeros(size, dtype=torch.float64, device=device)
+    ssum = ssum.scatter_add(0, index, values.to(torch.float64))
+
+    col = torch.arange(width, device=device).unsqueeze(0)
+    area2 = area.view(b, width)
+    valid = (area2 >= max(min_area, 1)) & (col > 0)
+    # Selection, K rounds of "the best left": score_max desc, then area desc, then label asc.
+    # ``tie`` is unique per column and orders area desc, label asc, so each round's argmax
+    # is exact; no sort (ONNX has no stable sort) and K small static loops.
+    score2 = smax.view(b, width)
+    tie = area2 * width + (width - 1 - col)
+    avail = valid
+    picks: List[Tensor] = []
+    for _ in range(capacity):
+        best = torch.where(avail, score2, torch.full_like(score2, float("-inf"))).amax(1, True)
+        cand = avail & (score2 == best)
+        pick = torch.where(cand, tie, torch.full_like(tie, -1)).argmax(1, keepdim=True)
+        picks.append(pick)
+        avail = avail.scatter(1, pick, torch.zeros_like(pick, dtype=torch.bool))
+    top = torch.cat(picks, 1)
+    num_regions = valid.sum(1).clamp(max=capacity)
+    rank = torch.arange(capacity, device=device).unsqueeze(0)
+    used = rank < num_regions.unsqueeze(1)
+    zero = torch.zeros_like(top)
+
+    def take(table: Tensor) -> Tensor:
+        t = table.view(b, width).gather(1, top)
+        return torch.where(used, t, torch.zeros_like(t))
+
+    t_area = take(area)
+    boxes = torch.stack([take(x1), take(y1), take(x2), take(y2)], 2)
+    denom = t_area.to(torch.float64).clamp(min=1)
+    centroid = torch.stack(
+        [take(sum_x).to(torch.float64) / denom, take(sum_y).to(torch.float64) / denom], 2
+    )
+    score_max = take(smax).to(torch.float32)
+    score_mean = (take(ssum) / denom).to(torch.float32)
+    label = torch.where(used, top, zero)
+    # The mask keeps the selected labels only.
+    keep = torch.zeros(b, width, dtype=torch.bool, device=device).scatter(1, top, used)
+    kept = keep.gather(1, lab)
+    labels_kept = torch.where(kept, lab, torch.zeros_like(lab)).to(labels.dtype).view(labels.shape)
+    return (
+        labels_kept,
+        num_regions,
+        boxes,
+        t_area,
+        label,
+        centroid.to(torch.float32),
+        score_max,
+        score_mean,
+    )
