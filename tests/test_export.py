@@ -566,3 +566,19 @@ def test_deployment_doc_export_examples_run(tmp_path, monkeypatch):
     namespace: Dict[str, object] = {}
     _run_blocks(before + after, namespace)
     assert (tmp_path / "head.onnx").exists() and (tmp_path / "head.pt2").exists()
+
+
+def test_export_from_config_pt2_with_pt2_detector(tmp_path, images):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"defects": dict(CFG)}))
+    detector = TupleDetector().eval()
+    det = torch.export.export(detector, (images[:2],))
+    torch.export.save(det, str(tmp_path / "det.pt2"))
+    line = export_from_config(
+        cfg_path, tmp_path / "model.pt2", detector=tmp_path / "det.pt2", map_output=1
+    )
+    assert "detector + DefectHead (pt2" in line
+    module, meta = load_pt2(tmp_path / "model.pt2")
+    assert meta["meta"]["inputs"] == ["inputs"]
+    want = DefectHead(DefectsConfig(**CFG), static_output=True)(detector(images[:2])[1])
+    assert_static_equal(module(images[:2]), want)

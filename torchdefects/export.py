@@ -340,7 +340,9 @@ def _static_head(head: Union[nn.Module, DefectsConfig]) -> StaticDefectHead:
 
 
 def _dynamic_shapes(threshold_input: bool, detector: bool) -> Dict[str, Any]:
-    dyn = torch.export.Dim.DYNAMIC
+    """Batch, height and width dynamic; behind a detector, as dynamic as the detector allows
+    (``Dim.AUTO``: a detector exported with static shapes keeps them)."""
+    dyn = torch.export.Dim.AUTO if detector else torch.export.Dim.DYNAMIC
     shapes: Dict[str, Any] = {"inputs": {0: dyn, 2: dyn, 3: dyn}}
     if threshold_input:
         shapes["pixel_threshold"] = {0: dyn}
@@ -392,7 +394,8 @@ def _prepare_export(
     if threshold_input:
         thr = static.threshold if static.has_threshold else torch.tensor(0.5)
         args = (example, thr.to(torch.float32).expand(example.shape[0]).contiguous())
-    module = _ExportModule(static, detector, output, mask_uint8).eval()
+    # No .eval(): a loaded program's module refuses train(); the caller sets the detector's mode.
+    module = _ExportModule(static, detector, output, mask_uint8)
     return module, args, static
 
 
@@ -444,7 +447,9 @@ def export_pt2(
         module,
         args,
         dynamic_shapes={
-            k: v for k, v in _dynamic_shapes(threshold_input, False).items() if k in names
+            k: v
+            for k, v in _dynamic_shapes(threshold_input, detector is not None).items()
+            if k in names
         },
     )
     extra = _extra_files(
