@@ -488,52 +488,6 @@ def test_onnx_matches_eager(tmp_path):
         assert_static_equal(got, head(x, t), uint8_mask=True)
 
 
-def test_export_plumbing_with_static_labeling(tmp_path, monkeypatch):
-    """Everything but labeling (threshold, ROI/NaN gate, morphology, padding, image label,
-    dict outputs, names, metadata, dynamic dims) through torch.export and ONNX, with the
-    labeling stages (and fill_holes, which labels the background) replaced by a static
-    stand-in: one region per image, all its pixels."""
-    import torchdefects.head as head_module
-    from torchdefects.regions import Regions
-
-    def label(mask, connectivity):
-        return mask.to(torch.int32), torch.ones(mask.shape[0], dtype=torch.int64)
-
-    def stats(labels, counts, x):
-        b = labels.shape[0]
-        area = labels.reshape(b, -1).sum(1).to(torch.int64)
-        v = x.reshape(b, -1).nan_to_num(0.0)
-        box = torch.stack([area, area, area, area], 1)
-        c = torch.stack([area, area], 1).double()
-        return Regions(
-            torch.arange(b), torch.ones(b, dtype=torch.int64), area, box, c, v.amax(1), v.amax(1)
-        )
-
-    def select(labels, regions, b, min_area, max_regions):
-        return labels, regions, torch.ones(b, dtype=torch.int64)
-
-    monkeypatch.setattr(head_module, "connected_components", label)
-    monkeypatch.setattr(head_module, "region_stats", stats)
-    monkeypatch.setattr(head_module, "select_regions", select)
-    monkeypatch.setattr(head_module, "fill_holes", lambda mask: mask)  # labels background
-    cfg = DefectsConfig(**EXPORT_CFG)
-    head = DefectHead(cfg, static_output=True)
-    maps = oracle_maps()
-    export_pt2(head, tmp_path / "h.pt2", threshold_input=True)
-    module, _ = load_pt2(tmp_path / "h.pt2")
-    thr = torch.tensor([0.55, 0.6, 0.5, 0.6, 0.9])
-    assert_static_equal(module(maps, thr), head(maps, thr))
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    export_onnx(head, tmp_path / "h.onnx")
-    session = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
-    x = maps[:, :, 2:, :40].contiguous()
-    got = dict(zip(StaticDefects._fields, session.run(None, {"anomaly_map": x.numpy()})))
-    got = {k: torch.from_numpy(v) for k, v in got.items()}
-    assert_static_equal(got, head(x), uint8_mask=True)
-    assert onnx_metadata(tmp_path / "h.onnx")["provenance"] == {"source": "config"}
-
-
 def _doc_blocks():
     """The Python blocks of docs/deployment.md: (before the torch.export section, from it)."""
     import re

@@ -410,8 +410,8 @@ class StaticDefectHead(DefectHead):
             anomaly_map, pixel_threshold, image_score = _eager_args(
                 anomaly_map, pixel_threshold, image_score
             )
-        if not torch.jit.is_scripting() and _is_tracing():
-            return self._forward_static(anomaly_map, pixel_threshold, image_score)
+            if _is_tracing():
+                return self._forward_static(anomaly_map, pixel_threshold, image_score)
         out = self._run(anomaly_map, pixel_threshold, image_score)
         boxes, area, label, centroid, score_max, score_mean = _pad_regions(
             out.regions, out.num_regions, self.capacity
@@ -482,7 +482,8 @@ def _static_regions(
     """
     b, h, w = labels.shape[0], labels.shape[-2], labels.shape[-1]
     n = h * w
-    width = n + 1 + capacity
+    # An image has at most ceil(n / 2) components (a 4-connected checkerboard): labels fit.
+    width = (n + 1) // 2 + 1 + capacity
     device = labels.device
     lab = labels.reshape(b, n).to(torch.int64)
     index = (lab + torch.arange(b, device=device).unsqueeze(1) * width).reshape(-1)
@@ -516,16 +517,17 @@ def _static_regions(
     # Selection, K rounds of "the best left": score_max desc, then area desc, then label asc.
     # ``tie`` is unique per column and orders area desc, label asc, so each round's argmax
     # is exact; no sort (ONNX has no stable sort) and K small static loops.
-    score2 = smax.view(b, width)
-    tie = area2 * width + (width - 1 - col)
-    avail = valid
+    # Entries already picked (and invalid ones) get score -inf and tie key -1: a valid region
+    # always beats them, even one whose score is -inf.
+    score2 = torch.where(valid, smax.view(b, width), float("-inf"))
+    tie = torch.where(valid, area2 * width + (width - 1 - col), -1)
     picks: List[Tensor] = []
     for _ in range(capacity):
-        best = torch.where(avail, score2, torch.full_like(score2, float("-inf"))).amax(1, True)
-        cand = avail & (score2 == best)
-        pick = torch.where(cand, tie, torch.full_like(tie, -1)).argmax(1, keepdim=True)
+        best = score2.amax(1, True)
+        pick = torch.where(score2 == best, tie, -1).argmax(1, keepdim=True)
         picks.append(pick)
-        avail = avail.scatter(1, pick, torch.zeros_like(pick, dtype=torch.bool))
+        score2.scatter_(1, pick, float("-inf"))
+        tie.scatter_(1, pick, -1)
     top = torch.cat(picks, 1)
     num_regions = valid.sum(1).clamp(max=capacity)
     rank = torch.arange(capacity, device=device).unsqueeze(0)
