@@ -114,7 +114,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         if amap.dtype == torch.float64:
             score_dtype = torch.float64
     device = lab.device
-    if lab.numel() == 0:
+    if b * h * w == 0:
         return _empty_regions(device, score_dtype)
     counts = counts.to(torch.int64)
     first_of_image = torch.cumsum(counts, 0) - counts
