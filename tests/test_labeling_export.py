@@ -1,4 +1,4 @@
-"""Labeling and hole filling under torch.export and ONNX (the ``while_loop`` path)."""
+"""Labeling, hole filling and region statistics under torch.export and ONNX Runtime."""
 
 import warnings
 
@@ -10,6 +10,7 @@ import torch
 from tests._shapes import checkerboard, serpentine, spiral
 from torchdefects.components import connected_components
 from torchdefects.morphology import fill_holes
+from torchdefects.regions import region_stats, select_regions
 
 
 class _Label(torch.nn.Module):
@@ -99,3 +100,67 @@ def test_onnx_labels_and_fill_match_scipy(tmp_path):
         feed = {sessions["fill"].get_inputs()[0].name: masks}
         (filled,) = sessions["fill"].run(None, feed)
         np.testing.assert_array_equal(filled, np.stack([ndi.binary_fill_holes(m) for m in masks]))
+
+
+class _Stats(torch.nn.Module):
+    def forward(self, mask, amap):
+        labels, counts = connected_components(mask, 8)
+        return tuple(region_stats(labels, counts, amap))
+
+
+class _Select(torch.nn.Module):
+    def forward(self, mask, amap):
+        labels, counts = connected_components(mask, 8)
+        regions = region_stats(labels, counts, amap)
+        kept_labels, kept, num = select_regions(labels, regions, mask.shape[0], 3, 2)
+        return (kept_labels, num, *kept)
+
+
+def _stats_cases():
+    rng = np.random.default_rng(23)
+    for masks in _cases():
+        yield masks, rng.random(masks.shape).astype(np.float32)
+
+
+def _assert_same(got, expected, exact_scores):
+    for g, e in zip(got, expected):
+        g = np.asarray(g)
+        if exact_scores or not np.issubdtype(g.dtype, np.floating):
+            np.testing.assert_array_equal(g, e.numpy())
+        else:
+            np.testing.assert_allclose(g, e.numpy(), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_exported_stats_and_selection_match_eager():
+    example = (torch.rand(2, 9, 11) < 0.5, torch.rand(2, 9, 11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        programs = [
+            (m, torch.export.export(m, example, dynamic_shapes=_dims() * 2).module())
+            for m in (_Stats(), _Select())
+        ]
+    for masks, amap in _stats_cases():
+        args = (torch.from_numpy(masks), torch.from_numpy(amap))
+        for module, program in programs:
+            # Region scores: float64 sums by scatter while exporting, rounded to float32.
+            _assert_same(program(*args), module(*args), exact_scores=False)
+
+
+@pytest.mark.slow
+def test_onnx_region_stats_match_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    example = (torch.rand(2, 9, 11) < 0.5, torch.rand(2, 9, 11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Stats(), example, dynamic_shapes=_dims() * 2, dynamo=True, verbose=False
+        )
+    path = tmp_path / "stats.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path))
+    names = [i.name for i in session.get_inputs()]
+    for masks, amap in _stats_cases():
+        got = session.run(None, dict(zip(names, (masks, amap))))
+        _assert_same(got, _Stats()(torch.from_numpy(masks), torch.from_numpy(amap)), False)

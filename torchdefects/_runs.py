@@ -96,3 +96,15 @@ def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:
     table[1::2] = values
     count = runs.count.view(-1, width + 1).narrow(1, 0, width)
     return table.index_select(0, count.reshape(-1)).view(-1, width)
+
+
+def _owner(ends: Tensor, total: int) -> Tensor:
+    """For each of ``total`` items, the segment it falls in: segment ``i`` covers items
+    ``ends[i - 1] .. ends[i] - 1`` (``ends`` ascending, the last equal to ``total``).
+
+    ``repeat_interleave(arange(len(ends)), lengths, output_size=total)`` without
+    ``repeat_interleave`` (ONNX has none): a mark at each segment end, then a prefix count.
+    """
+    marks = torch.zeros(total + 1, dtype=torch.int64, device=ends.device)
+    marks = marks.scatter_add(0, ends, torch.ones_like(ends))
+    return torch.cumsum(marks, 0).narrow(0, 0, total)

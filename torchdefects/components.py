@@ -155,7 +155,7 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     x = _as_bhw(mask, "mask")
     b, h = x.shape[0], x.shape[1]
     fg = x if x.dtype == torch.bool else x != 0
-    if fg.numel() == 0:
+    if b * h * fg.shape[2] == 0:
         counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
     runs, root = _components(fg, connectivity)

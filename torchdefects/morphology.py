@@ -53,7 +53,7 @@ def _window_pass(x: Tensor, ksize: int, dim: int, is_dilation: bool) -> Tensor:
 
 
 def _square(x: Tensor, ksize: int, is_dilation: bool) -> Tensor:
-    if ksize <= 1 or x.numel() == 0:
+    if ksize <= 1 or x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return x.clone()
     # A window wider than twice the image covers the whole image from every pixel (the
     # outside is ignored), so every larger square gives the same result: clamp, and a
@@ -175,7 +175,7 @@ def fill_holes(mask: Tensor) -> Tensor:
     _check_bool_mask(mask, "mask")
     x = _as_bhw(mask, "mask")
     b, height, width = x.shape[0], x.shape[1], x.shape[2]
-    if x.numel() == 0:
+    if b * height * width == 0:
         return mask.clone()
     runs, root = _components(~x, 4)
     y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height

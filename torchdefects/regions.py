@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _eager_cpu, _flat_nonzero, _row_runs
+from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _row_runs
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -39,6 +39,21 @@ class Regions(NamedTuple):
     centroid_xy: Tensor
     score_max: Tensor
     score_mean: Tensor
+
+
+def _reduce(values: Tensor, reduce: str, lengths: Tensor, owner: Tensor) -> Tensor:
+    """Sum or max of consecutive segments of ``values`` (``lengths``), in a fixed order.
+
+    While exporting (ONNX has no segment reduction) a scatter into the segments'
+    ``owner``: max is exact in any order; float sums may then differ in their last bits
+    from eager, which rounding the float64 sums to float32 hides but does not exclude.
+    """
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            init = float("-inf") if reduce == "max" else 0.0
+            out = torch.full(lengths.shape, init, dtype=values.dtype, device=values.device)
+            return out.scatter_reduce(0, owner, values, "amax" if reduce == "max" else "sum")
+    return torch.segment_reduce(values, reduce, lengths=lengths)
 
 
 def _empty_regions(device: torch.device, score_dtype: torch.dtype) -> Regions:
@@ -99,7 +114,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         if amap.dtype == torch.float64:
             score_dtype = torch.float64
     device = lab.device
-    if lab.numel() == 0:
+    if b * h * w == 0:
         return _empty_regions(device, score_dtype)
     counts = counts.to(torch.int64)
     first_of_image = torch.cumsum(counts, 0) - counts
@@ -115,13 +130,23 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     # or -1 when a label exceeds its image's count.
     numel = b * h * w
     bad = (run_label > counts.index_select(0, image)).any()
-    packed = torch.where(bad, -1, counts.sum() * (numel + 1) + length.sum())
-    sizes = int(packed)
-    if sizes < 0:
-        raise ValueError("labels hold a label larger than counts for its image")
-    num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
-    if num_regions == 0:
-        return _empty_regions(device, score_dtype)
+    num_regions, num_pixels, traced = 0, 0, False
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            # Data-dependent sizes for torch.export (unbacked): two reads, no label check.
+            num_regions = counts.sum().item()
+            num_pixels = length.sum().item()
+            torch._check(num_regions >= 0)
+            torch._check(num_pixels >= 0)
+            traced = True
+    if not traced:
+        packed = torch.where(bad, -1, counts.sum() * (numel + 1) + length.sum())
+        sizes = int(packed)
+        if sizes < 0:
+            raise ValueError("labels hold a label larger than counts for its image")
+        num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
+        if num_regions == 0:
+            return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
     # Scores per run: the map over every run pixel, run after run in raster order.
@@ -129,25 +154,21 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     run_max = torch.empty(0, dtype=score_dtype, device=device)
     run_sum = torch.empty(0, dtype=torch.float64, device=device)
     if anomaly_map is not None:
+        run = torch.empty(0, dtype=torch.int64, device=device)  # only while exporting
         if _eager_cpu(lab):
             # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
             pos = _flat_nonzero(lab.reshape(-1) != 0)
         else:
-            run = torch.repeat_interleave(
-                torch.arange(row.shape[0], device=device), length, output_size=num_pixels
-            )
-            shift = first - torch.cumsum(length, 0) + length
+            stop = torch.cumsum(length, 0)
+            run = _owner(stop, num_pixels)
+            shift = first - stop + length
             pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
         values = anomaly_map.reshape(-1).index_select(0, pos).to(score_dtype)
         nan = torch.isnan(values)
-        run_max = torch.segment_reduce(
-            values.masked_fill(nan, float("-inf")), "max", lengths=length
-        )
-        sums64 = values.to(torch.float64).masked_fill(nan, 0.0)
-        run_sum = torch.segment_reduce(sums64, "sum", lengths=length)
+        run_max = _reduce(values.masked_fill(nan, float("-inf")), "max", length, run)
+        run_sum = _reduce(values.to(torch.float64).masked_fill(nan, 0.0), "sum", length, run)
         # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
-        valid_px = (~nan).to(torch.float32)
-        valid = torch.segment_reduce(valid_px, "sum", lengths=length).to(torch.int64)
+        valid = _reduce((~nan).to(torch.float32), "sum", length, run).to(torch.int64)
 
     # Integer statistics, exact: per run, then per region by scatter.
     where2 = region.unsqueeze(1).expand(-1, 2)
@@ -164,9 +185,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     area = sums[:, 0]
     centroid = sums[:, 1:3].to(torch.float64) / sums[:, :1].to(torch.float64)
 
-    batch_index = torch.repeat_interleave(
-        torch.arange(b, device=device), counts, output_size=num_regions
-    )
+    batch_index = _owner(torch.cumsum(counts, 0), num_regions)
     label = torch.arange(1, num_regions + 1, device=device) - first_of_image.index_select(
         0, batch_index
     )
@@ -179,8 +198,12 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         score_max = score_max.scatter_reduce(0, region, run_max, "amax")
         # Float sums depend on their order: the runs of a region are summed in raster
         # order, the same on every call, device and batch position.
-        order = torch.sort(region, stable=True).indices
-        total = torch.segment_reduce(run_sum.index_select(0, order), "sum", lengths=sums[:, 3])
+        if _exporting():
+            # A scatter needs no order (and ONNX has no stable sort).
+            total = _reduce(run_sum, "sum", sums[:, 3], region)
+        else:
+            order = torch.sort(region, stable=True).indices
+            total = torch.segment_reduce(run_sum.index_select(0, order), "sum", lengths=sums[:, 3])
         count = sums[:, 4]
         mean = total / count.to(torch.float64)
         score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
@@ -259,7 +282,8 @@ def select_regions(
     num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
     num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
 
-    if out.area.shape[0] == total:
+    # Nothing dropped: the labels stand (a shortcut that export, with unknown sizes, skips).
+    if not _exporting() and out.area.shape[0] == total:
         return labels, out, num_regions
     # Relabel through a table over every (image, label) pair: entry b * (H * W + 1) + l
     # is l if region l of image b is kept, else 0.
