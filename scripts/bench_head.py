@@ -15,9 +15,18 @@ subprocess with glibc's mmap threshold pinned, so freed buffers go back to the O
 OpenCV pipeline on one core. Timings on a shared machine are noisy: medians, and the load
 average is recorded.
 
+Always: the aten ops and host syncs of one scripted forward (the count of issue 9: open 3,
+close 3, fill holes, min_area 10, max_regions 20 on 16x1x256x256, CPU, inference mode, after a
+warm-up call). With ``--onnx``: ONNX Runtime (CPU) on the exported static head against eager
+torch on the same maps. With ``--device cuda``: latency at batch 1 and throughput at batch 64
+and 256 (``--gpu-batches``) of 256x256 maps for ``--modes`` eager, scripted and compiled
+(``torch.compile(mode="reduce-overhead")``; compiling takes a while, so ``--quick`` leaves it
+out unless ``--modes`` names it).
+
 Usage::
 
     python scripts/bench_head.py [--quick] [--device cpu|cuda] [--batch 16] [--json out.json]
+        [--onnx] [--modes eager,scripted,compiled] [--skip-cpu]
 """
 
 import argparse
@@ -162,6 +171,123 @@ def memory_probe(batch: int, size: int, device: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+SYNC_OPS = {
+    "nonzero",
+    "_local_scalar_dense",
+    "equal",
+    "is_nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "item",
+    "nonzero_numpy",
+}
+
+
+def count_ops() -> Dict[str, Any]:
+    """Aten ops and host syncs of one scripted forward, as issue 9 counts them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Dict[str, int] = {}
+            self.syncs: Dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            kwargs = kwargs or {}
+            unsized = name == "repeat_interleave" and kwargs.get("output_size") is None
+            unsized = unsized and not (len(args) > 3 and args[3] is not None)
+            if name in SYNC_OPS or unsized:
+                self.syncs[name] = self.syncs.get(name, 0) + 1
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.rand(16, 1, 256, 256), 9, 1, 4)
+    x = (x - x.amin()) / (x.amax() - x.amin())
+    cfg = DefectsConfig(
+        pixel_threshold=0.7,
+        open_ksize=3,
+        close_ksize=3,
+        fill_holes=True,
+        min_area=10,
+        max_regions=20,
+    )
+    head = torch.jit.script(DefectHead(cfg))
+    with torch.inference_mode():
+        head(x)
+        with Count() as c:
+            head(x)
+    return {
+        "ops": sum(c.ops.values()),
+        "syncs": sum(c.syncs.values()),
+        "syncs_by_op": c.syncs,
+    }
+
+
+def onnx_vs_eager(maps: torch.Tensor, min_run: float) -> Dict[str, Any]:
+    """ONNX Runtime (CPU) on the exported static head against eager torch, same maps."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from torchdefects.export import export_onnx
+
+    cfg = DefectsConfig(**CONFIG, max_regions=20)
+    head = DefectHead(cfg, static_output=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "head.onnx")
+        export_onnx(head, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feed = {"anomaly_map": maps.numpy()}
+    got = session.run(None, feed)
+    want = head(maps)
+    for name, a, b in zip(want._fields, got, want):
+        b = b.to(torch.uint8) if name == "mask" else b
+        if not b.is_floating_point():
+            assert np.array_equal(a, b.numpy()), name
+    res = {
+        "onnxruntime_ms": median_ms(lambda: session.run(None, feed), min_run),
+        "eager_ms": median_ms(lambda: head(maps), min_run),
+    }
+    res["ratio_onnxruntime_over_eager"] = res["onnxruntime_ms"] / res["eager_ms"]
+    return res
+
+
+def gpu_modes(size: int, batches: List[int], modes: List[str], min_run: float) -> Dict[str, Any]:
+    """Latency (batch 1) and throughput (larger batches) on CUDA for each mode."""
+    cfg = DefectsConfig(**CONFIG, max_regions=20)
+    out: Dict[str, Any] = {}
+    for mode in modes:
+        head = DefectHead(cfg).cuda()
+        if mode == "scripted":
+            module: Any = torch.jit.script(head)
+        elif mode == "compiled":
+            module = torch.compile(head, mode="reduce-overhead", dynamic=False)
+        else:
+            module = head
+        for b in batches:
+            maps = torch.from_numpy(realistic_maps(b, size, size, seed=2)).unsqueeze(1).cuda()
+
+            def run(module=module, maps=maps):
+                module(maps)
+                torch.cuda.synchronize()
+
+            t0 = time.perf_counter()
+            run()  # warm-up; compiles in "compiled" mode
+            first_s = time.perf_counter() - t0
+            ms = median_ms(run, min_run)
+            out[f"{mode}_b{b}"] = {"ms": ms, "maps_per_s": b / ms * 1e3, "first_call_s": first_s}
+            print(f"  {mode:9s} batch {b:4d}: {ms:8.3f} ms  {b / ms * 1e3:10.0f} maps/s")
+    return out
+
+
 def machine() -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "platform": platform.platform(),
@@ -188,11 +314,50 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="short run (less accurate)")
     parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--onnx", action="store_true", help="ONNX Runtime CPU vs eager torch")
+    parser.add_argument("--skip-cpu", action="store_true", help="leave out the CPU comparison")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help="CUDA modes, comma-separated: eager, scripted, compiled (default: all three; "
+        "eager,scripted with --quick)",
+    )
+    parser.add_argument(
+        "--gpu-batches", default="1,64,256", help="CUDA batch sizes (default 1,64,256)"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     min_run = 0.3 if args.quick else 2.0
     results: Dict[str, Any] = {"machine": machine(), "config": CONFIG, "args": vars(args)}
+
+    counts = count_ops()
+    results["scripted_forward"] = counts
+    print(
+        f"scripted forward (16x1x256x256, CPU): {counts['ops']} aten ops, "
+        f"{counts['syncs']} host syncs {counts['syncs_by_op']}"
+    )
+    if args.device == "cuda":
+        modes = args.modes or ("eager,scripted" if args.quick else "eager,scripted,compiled")
+        batches = [int(b) for b in args.gpu_batches.split(",")]
+        print(f"CUDA ({torch.cuda.get_device_name()}), {args.size}x{args.size} maps:")
+        results["cuda_modes"] = gpu_modes(args.size, batches, modes.split(","), min_run)
+    if args.onnx:
+        maps = torch.from_numpy(realistic_maps(args.batch, args.size, args.size)).unsqueeze(1)
+        try:
+            o = onnx_vs_eager(maps, min_run)
+        except Exception as e:  # export may be blocked; say why and go on
+            o = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"ONNX Runtime: not measured ({o['error']})")
+        else:
+            ratio = o["ratio_onnxruntime_over_eager"]
+            print(
+                f"ONNX Runtime CPU {o['onnxruntime_ms']:.2f} ms vs eager {o['eager_ms']:.2f} ms "
+                f"({args.batch}x1x{args.size}x{args.size}): ratio {ratio:.2f}"
+            )
+        results["onnx"] = o
+    if args.skip_cpu:
+        return _finish(results, args)
 
     maps_np = realistic_maps(args.batch, args.size, args.size)
     maps = torch.from_numpy(maps_np).unsqueeze(1)
@@ -238,7 +403,7 @@ def main(argv=None) -> int:
     print(f"  opening 3x3: kornia {kms:.2f} ms, fast path {fms:.3f} ms")
     print(f"  peak memory per input pixel {res['peak_bytes_per_pixel']:8.1f} bytes (RSS growth)")
 
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.quick:
         cv2.setNumThreads(1)
         gb = 64
         gmaps_np = realistic_maps(gb, args.size, args.size, seed=1)
@@ -266,6 +431,10 @@ def main(argv=None) -> int:
         print(f"  OpenCV, one core  {g['opencv_1core_images_per_s']:10.0f} images/s")
         print(f"  peak memory per input pixel {g['peak_bytes_per_pixel']:.1f} bytes")
 
+    return _finish(results, args)
+
+
+def _finish(results: Dict[str, Any], args: argparse.Namespace) -> int:
     print(f"load average {results['machine']['loadavg']} (shared machine: timings are noisy)")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,8 +10,19 @@ import torch
 from torch import Tensor, nn
 
 from torchdefects.config import DefectsConfig
-from torchdefects.export import EXTRA_FILES, attach, load_scripted, save_scripted
-from torchdefects.head import DefectHead, Defects
+from torchdefects.export import (
+    EXTRA_FILES,
+    _format_for,
+    attach,
+    export_from_config,
+    export_onnx,
+    export_pt2,
+    load_pt2,
+    load_scripted,
+    onnx_metadata,
+    save_scripted,
+)
+from torchdefects.head import DefectHead, Defects, StaticDefects
 from torchdefects.morphology import closing, opening
 from torchdefects.roi import roi_stats
 from torchdefects.threshold import binarize
@@ -276,3 +287,252 @@ def test_torch_export_prefix_with_dynamic_batch():
         x, t = torch.rand(b, 1, 32, 32), torch.rand(b) * 0.5 + 0.3
         for got, want in zip(exported(x, t), module(x, t)):
             assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------
+# torch.export (.pt2) and ONNX
+# ----------------------------------------------------------------------------
+
+
+EXPORT_CFG = dict(CFG, image_threshold=0.8)
+
+
+def oracle_maps():
+    """Realistic maps plus adversarial ones (NaN, full, empty, a 1-pixel-wide spiral)."""
+    from tests.test_head import realistic_maps
+
+    maps = torch.from_numpy(realistic_maps(5, 37, 45, seed=7))[:, None]
+    maps[1, 0, 5:9, 5:9] = float("nan")
+    maps[2] = 0.9  # full
+    maps[3] = 0.0  # empty
+    spiral = torch.zeros(37, 45)
+    top, left, bottom, right = 2, 2, 34, 42
+    while top < bottom and left < right:
+        spiral[top, left : right + 1] = 0.95
+        spiral[top : bottom + 1, right] = 0.95
+        spiral[bottom, left : right + 1] = 0.95
+        spiral[top + 2 : bottom + 1, left] = 0.95
+        if left + 2 <= right:
+            spiral[top + 2, left : left + 3] = 0.95
+        top, left, bottom, right = top + 4, left + 4, bottom - 4, right - 4
+    maps[4, 0] = spiral
+    return maps
+
+
+def assert_static_equal(got: Dict[str, Tensor], want: StaticDefects, uint8_mask: bool = False):
+    """Integer outputs bit-equal, float outputs to float32 rounding."""
+    assert list(got) == list(StaticDefects._fields)
+    for name, w in want._asdict().items():
+        g = got[name]
+        if name == "mask" and uint8_mask:
+            assert g.dtype == torch.uint8 and set(g.unique().tolist()) <= {0, 1}
+            g = g.bool()
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1.2e-7, atol=0, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(g, w), name
+
+
+def test_format_from_extension():
+    assert _format_for("a.onnx", None) == "onnx"
+    assert _format_for("a.PT2", None) == "pt2"
+    assert _format_for("a.pt", None) == "torchscript"
+    assert _format_for("a", None) == "torchscript"
+    assert _format_for("a.bin", "onnx") == "onnx"
+    assert _format_for("a.onnx", "onnx") == "onnx"
+    with pytest.raises(ValueError, match=r"--format pt2 contradicts the extension of 'a\.onnx'"):
+        _format_for("a.onnx", "pt2")
+    with pytest.raises(ValueError, match="--format torchscript contradicts"):
+        _format_for("a.pt2", "torchscript")
+    with pytest.raises(ValueError, match="format must be one of torchscript, pt2, onnx, got 'tf'"):
+        _format_for("a.pb", "tf")
+
+
+def test_export_from_config_torchscript_and_errors(tmp_path):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"defects": dict(CFG)}))
+    line = export_from_config(cfg_path, tmp_path / "head.pt")
+    assert "torchscript" in line and str(tmp_path / "head.pt") in line
+    module, meta = load_scripted(tmp_path / "head.pt")
+    assert meta["config"] == DefectsConfig(**CFG).to_dict()
+    maps = torch.rand(2, 1, 20, 24)
+    assert_same(module(maps), DefectHead(DefectsConfig(**CFG))(maps))
+    with pytest.raises(ValueError, match="--map-output needs --detector"):
+        export_from_config(cfg_path, tmp_path / "x.pt", map_output=1)
+    with pytest.raises(ValueError, match="--threshold-input is for pt2 and onnx"):
+        export_from_config(cfg_path, tmp_path / "x.pt", threshold_input=True)
+    with pytest.raises(ValueError, match="contradicts the extension"):
+        export_from_config(cfg_path, tmp_path / "x.onnx", "pt2")
+    det = tmp_path / "det.pt"
+    torch.jit.save(torch.jit.script(ConvDetector()), str(det))
+    with pytest.raises(ValueError, match=r"needs the detector as a torch\.export program"):
+        export_from_config(cfg_path, tmp_path / "x.pt2", detector=det)
+    with pytest.raises(ValueError, match="cannot load TorchScript"):
+        export_from_config(cfg_path, tmp_path / "x.pt", detector=cfg_path)
+    no_k = tmp_path / "nok.json"
+    no_k.write_text(json.dumps({"defects": {"pixel_threshold": 0.5}}))
+    with pytest.raises(ValueError, match=r"config\.max_regions must be set to export"):
+        export_from_config(no_k, tmp_path / "x.pt2")
+    no_thr = tmp_path / "nothr.json"
+    no_thr.write_text(json.dumps({"defects": {"max_regions": 3}}))
+    with pytest.raises(ValueError, match="pixel_threshold=None: set one, or export with"):
+        export_from_config(no_thr, tmp_path / "x.pt2")
+    assert not any(p.name.startswith("x.") for p in tmp_path.iterdir())
+
+
+def test_export_argument_errors(tmp_path):
+    cfg = DefectsConfig(**CFG)
+    with pytest.raises(TypeError, match="head must be a DefectHead or a DefectsConfig"):
+        export_pt2(torch.jit.script(DefectHead(cfg)), tmp_path / "x.pt2")
+    with pytest.raises(ValueError, match=r"example must be a \(B, 1, H, W\) anomaly map"):
+        export_pt2(cfg, tmp_path / "x.pt2", torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="example must have batch, height and width >= 2"):
+        export_pt2(cfg, tmp_path / "x.pt2", torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="example must be given with a detector"):
+        export_pt2(cfg, tmp_path / "x.pt2", detector=ConvDetector())
+    with pytest.raises(TypeError, match="a TorchScript detector cannot be re-exported"):
+        export_pt2(
+            cfg,
+            tmp_path / "x.pt2",
+            torch.rand(2, 3, 8, 8),
+            detector=torch.jit.script(ConvDetector()),
+        )
+    with pytest.raises(ValueError, match="output needs a detector"):
+        export_pt2(cfg, tmp_path / "x.pt2", output=1)
+
+
+PT2_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    try:
+        import torchdefects  # noqa: F401
+        sys.exit("torchdefects importable")
+    except ImportError:
+        pass
+    extra = {"defects_config.json": "", "threshold_provenance.json": "", "torchdefects.json": ""}
+    program = torch.export.load("head.pt2", extra_files=extra).module()
+    maps, thr = torch.load("inputs.pt")
+    out = program(maps, thr)
+    torch.save({"out": dict(out), "config": json.loads(extra["defects_config.json"]),
+                "meta": json.loads(extra["torchdefects.json"])}, "results.pt")
+    """
+)
+
+
+def test_pt2_matches_eager_and_loads_without_torchdefects(tmp_path):
+    cfg = DefectsConfig(**EXPORT_CFG)
+    head = DefectHead(cfg, static_output=True)
+    path = tmp_path / "head.pt2"
+    export_pt2(head, path, threshold_input=True)
+    module, meta = load_pt2(path)
+    assert meta["config"] == cfg.to_dict() and meta["provenance"] == {"source": "config"}
+    assert meta["meta"]["inputs"] == ["inputs", "pixel_threshold"]
+    maps = oracle_maps()
+    thr = torch.tensor([0.55, 0.6, 0.5, 0.6, 0.9])
+    want = head(maps, thr)
+    assert want.num_regions.sum() > 3
+    assert_static_equal(module(maps, thr), want)
+    # other batch, height and width than the example: the dims are dynamic
+    small = maps[1:4, :, 3:30, 2:41].contiguous()
+    assert_static_equal(module(small, thr[1:4]), head(small, thr[1:4]))
+    # a process where torchdefects cannot be imported
+    torch.save((maps, thr), tmp_path / "inputs.pt")
+    (tmp_path / "check.py").write_text(PT2_SCRIPT)
+    torch_parent = os.path.dirname(os.path.dirname(torch.__file__))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = torch_parent
+    proc = subprocess.run(
+        [sys.executable, "-S", "check.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = torch.load(tmp_path / "results.pt")
+    assert results["config"] == cfg.to_dict() and results["meta"]["program"] == "pt2"
+    assert_static_equal(results["out"], want)
+
+
+def test_pt2_with_detector(tmp_path, images):
+    cfg = DefectsConfig(**CFG)
+    detector = DictDetector().eval()
+    path = tmp_path / "model.pt2"
+    export_pt2(DefectHead(cfg), path, images[:2], detector=detector, output="anomaly_map")
+    module, _ = load_pt2(path)
+    want = DefectHead(cfg, static_output=True)(detector(images)["anomaly_map"])
+    assert want.num_regions.sum() > 0
+    assert_static_equal(module(images), want)
+
+
+@pytest.mark.slow
+def test_onnx_matches_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    cfg = DefectsConfig(**EXPORT_CFG)
+    head = DefectHead(cfg, static_output=True)
+    path = tmp_path / "head.onnx"
+    export_onnx(head, path, threshold_input=True)
+    meta = onnx_metadata(path)
+    assert meta["config"] == cfg.to_dict() and meta["meta"]["program"] == "onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["anomaly_map", "pixel_threshold"]
+    assert [o.name for o in session.get_outputs()] == list(StaticDefects._fields)
+    maps = oracle_maps()
+    thr = torch.tensor([0.55, 0.6, 0.5, 0.6, 0.9])
+    for x, t in ((maps, thr), (maps[1:4, :, 3:30, 2:41].contiguous(), thr[1:4])):
+        outs = session.run(None, {"anomaly_map": x.numpy(), "pixel_threshold": t.numpy()})
+        got = {n: torch.from_numpy(o) for n, o in zip(StaticDefects._fields, outs)}
+        assert_static_equal(got, head(x, t), uint8_mask=True)
+
+
+def _doc_blocks():
+    """The Python blocks of docs/deployment.md: (before the torch.export section, from it)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "deployment.md")) as f:
+        text = f.read()
+    cut = text.index("## torch.export")
+    blocks = [re.findall(r"```python\n(.*?)```", part, re.S) for part in (text[:cut], text[cut:])]
+    return blocks[0], blocks[1]
+
+
+def _run_blocks(blocks, namespace):
+    for code in blocks:
+        exec(compile(code, "docs/deployment.md", "exec"), namespace)
+
+
+def test_deployment_doc_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before, _ = _doc_blocks()
+    assert len(before) >= 5
+    _run_blocks(before, {})
+
+
+@pytest.mark.slow
+def test_deployment_doc_export_examples_run(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    before, after = _doc_blocks()
+    namespace: Dict[str, object] = {}
+    _run_blocks(before + after, namespace)
+    assert (tmp_path / "head.onnx").exists() and (tmp_path / "head.pt2").exists()
+
+
+def test_export_from_config_pt2_with_pt2_detector(tmp_path, images):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({"defects": dict(CFG)}))
+    detector = TupleDetector().eval()
+    det = torch.export.export(detector, (images[:2],))
+    torch.export.save(det, str(tmp_path / "det.pt2"))
+    line = export_from_config(
+        cfg_path, tmp_path / "model.pt2", detector=tmp_path / "det.pt2", map_output=1
+    )
+    assert "detector + DefectHead (pt2" in line
+    module, meta = load_pt2(tmp_path / "model.pt2")
+    assert meta["meta"]["inputs"] == ["inputs"]
+    want = DefectHead(DefectsConfig(**CFG), static_output=True)(detector(images[:2])[1])
+    assert_static_equal(module(images[:2]), want)

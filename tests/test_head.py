@@ -1,3 +1,4 @@
+import copy
 import math
 
 import cv2
@@ -53,6 +54,7 @@ def reference(m, cfg, thr):
     dt = np.float64 if m.dtype == np.float64 else np.float32
     v = m.astype(dt)
     inside = ref_roi(cfg.roi_xyxy_norm, h, w)
+    allowed = inside & ~np.isnan(v)  # the head's rule: NaN is never foreground
     mask = (v >= dt(thr)) & inside
     if cfg.open_ksize:
         k = np.ones((cfg.open_ksize,) * 2, np.uint8)
@@ -60,9 +62,9 @@ def reference(m, cfg, thr):
     if cfg.close_ksize:
         k = np.ones((cfg.close_ksize,) * 2, np.uint8)
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, k).astype(bool)
-        mask &= inside
+        mask &= allowed
     if cfg.fill_holes:
-        mask = ndi.binary_fill_holes(mask)
+        mask = ndi.binary_fill_holes(mask) & allowed
     structure = np.ones((3, 3)) if cfg.connectivity == 8 else None
     lab, n = ndi.label(mask, structure=structure)
     regions = []
@@ -130,6 +132,10 @@ def assert_matches_reference(out, maps, cfg, thresholds):
         np.testing.assert_array_equal(out.roi_max[i].item(), np.float32(roi_max), msg)
         np.testing.assert_allclose(out.roi_mean[i].item(), roi_mean, rtol=2e-6, err_msg=msg)
         assert out.pixel_threshold[i].item() == np.float32(thresholds[i])
+        # no detector score: the image score is roi_max; the label is "any region reported"
+        np.testing.assert_array_equal(out.image_score[i].item(), np.float32(roi_max), msg)
+        assert out.image_label[i].item() == int(len(regions) > 0), msg
+    assert out.image_score.dtype == torch.float32 and out.image_label.dtype == torch.int64
     assert start == got["label"].shape[0]
 
 
@@ -337,3 +343,198 @@ def test_cuda_bit_identical_to_cpu():
                 assert torch.equal(x, y.cpu()), name
         else:
             assert torch.equal(a, b.cpu()), name
+
+
+# ----------------------------------------------------------------------------------------
+# NaN never foreground, image score and label, static output, arguments
+# ----------------------------------------------------------------------------------------
+
+
+def nan_maps():
+    """Adversarial NaN placements: inside a ring (a hole), in a one-pixel gap that a closing
+    bridges, on a blob, at the border, a whole NaN row, plus random NaN over realistic maps."""
+    m = np.zeros((4, 24, 30), np.float32)
+    m[0, 4:11, 4:11] = 0.9  # a ring with a NaN hole
+    m[0, 6:9, 6:9] = 0.1
+    m[0, 7, 7] = np.nan
+    m[1, 5:10, 3:8] = 0.95  # two blobs, the closing bridges a NaN gap
+    m[1, 5:10, 9:14] = 0.8
+    m[1, 5:10, 8] = np.nan
+    m[2, :, :] = 0.9  # full map, NaN row and border pixels
+    m[2, 12, :] = np.nan
+    m[2, 0, 0] = np.nan
+    m[3] = realistic_maps(1, 24, 30, seed=5)[0]
+    rng = np.random.default_rng(0)
+    m[3][rng.random((24, 30)) < 0.1] = np.nan
+    return m
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(close_ksize=3),
+        dict(close_ksize=5, fill_holes=True),
+        dict(fill_holes=True),
+        dict(open_ksize=3, close_ksize=3, fill_holes=True, max_regions=1),
+        dict(close_ksize=3, fill_holes=True, roi_xyxy_norm=[0.0, 0.1, 0.8, 1.0]),
+    ],
+)
+def test_nan_never_foreground(overrides, device):
+    maps = nan_maps()
+    cfg = _cfg(overrides)
+    out = DefectHead(cfg).to(device)(torch.from_numpy(maps).to(device))
+    assert_matches_reference(out, maps, cfg, [cfg.pixel_threshold] * 4)
+    assert not (out.mask[:, 0].cpu() & torch.from_numpy(np.isnan(maps))).any()
+    assert not out.regions.score_max.isnan().any() and not out.regions.score_mean.isnan().any()
+    # the bridged gap would otherwise give one region holding a NaN pixel
+    if overrides.get("close_ksize") == 3 and len(overrides) == 1:
+        assert out.num_regions[1].item() == 2
+
+
+def test_image_score_and_label(maps, device):
+    x = torch.from_numpy(maps).to(device)
+    plain = DefectHead(_cfg(dict(min_area=10))).to(device)(x)
+    assert torch.equal(plain.image_score, plain.roi_max)
+    assert torch.equal(plain.image_label, (plain.num_regions > 0).long())
+    assert plain.image_label.sum() > 0
+    # a configured image threshold decides on the image score (>= in float32, NaN never)
+    cfg = _cfg(dict(min_area=10, image_threshold=0.9))
+    head = DefectHead(cfg).to(device)
+    out = head(x)
+    want = [int(float(s) >= 0.9) for s in out.roi_max.cpu()]
+    assert out.image_label.tolist() == want
+    scores = torch.tensor([0.95, float("nan"), 0.9, 0.2], device=device)
+    out = head(x, image_score=scores)
+    assert out.image_score.dtype == torch.float32
+    assert torch.equal(out.image_score.nan_to_num(-1), scores.nan_to_num(-1))
+    assert out.image_label.tolist() == [1, 0, 1, 0]
+    # float32(0.9) is below 0.9 in float64: the threshold is rounded to float32 too
+    below = torch.tensor([np.nextafter(np.float32(0.9), np.float32(0))] * 4, device=device)
+    assert head(x, image_score=below).image_label.tolist() == [0] * 4
+    scripted = torch.jit.script(head)
+    assert torch.equal(scripted(x, None, scores).image_label, out.image_label)
+    with pytest.raises(ValueError, match=r"image_score must be a scalar or have shape \(4,\)"):
+        head(x, image_score=torch.rand(3, device=device))
+    with pytest.raises(TypeError, match=r"image_score must be a float tensor, got torch\.int64"):
+        head(x, image_score=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"image_score must be a torch\.Tensor, got list"):
+        head(x, image_score=[0.1, 0.2, 0.3, 0.4])
+
+
+STATIC = dict(open_ksize=3, close_ksize=3, fill_holes=True, min_area=4, max_regions=3)
+
+
+def assert_static_matches(static, flat, capacity):
+    """Padded rows equal the flat regions in order; rows past num_regions are zero."""
+    assert static.boxes.dtype == torch.int64 and static.area.dtype == torch.int64
+    assert static.centroid.dtype == torch.float32 and static.score_max.dtype == torch.float32
+    b = static.num_regions.shape[0]
+    assert static.boxes.shape == (b, capacity, 4) and static.centroid.shape == (b, capacity, 2)
+    for name in ("mask", "labels", "num_regions", "roi_max", "roi_mean", "image_score"):
+        assert torch.equal(getattr(static, name).nan_to_num(), getattr(flat, name).nan_to_num())
+    assert torch.equal(static.pixel_threshold_used, flat.pixel_threshold)
+    assert torch.equal(static.image_label, flat.image_label)
+    r = flat.regions
+    start = 0
+    for i in range(b):
+        n = int(flat.num_regions[i])
+        sl = slice(start, start + n)
+        start += n
+        assert torch.equal(static.boxes[i, :n], r.bbox_xyxy[sl])
+        assert torch.equal(static.area[i, :n], r.area[sl])
+        assert torch.equal(static.label[i, :n], r.label[sl])
+        assert torch.equal(static.centroid[i, :n], r.centroid_xy[sl].float())
+        assert torch.equal(static.score_max[i, :n], r.score_max[sl].float())
+        assert torch.equal(static.score_mean[i, :n], r.score_mean[sl].float())
+        for name in ("boxes", "area", "label", "centroid", "score_max", "score_mean"):
+            assert (getattr(static, name)[i, n:] == 0).all(), name
+
+
+def test_static_output(maps, device):
+    cfg = _cfg(STATIC)
+    x = torch.from_numpy(maps).to(device)
+    flat = DefectHead(cfg).to(device)(x)
+    head = DefectHead(cfg, static_output=True).to(device)
+    assert isinstance(head, DefectHead) and type(head).__name__ == "StaticDefectHead"
+    assert type(copy.deepcopy(head)) is type(head)  # __new__ keeps copy and pickle working
+    out = head(x)
+    assert type(out).__name__ == "StaticDefects"
+    assert (flat.num_regions == 3).any() and (flat.num_regions < 3).any()  # full and padded
+    assert_static_matches(out, flat, 3)
+    # reference values for one image, straight from the NumPy / OpenCV / SciPy pipeline
+    _, regions, _, _ = reference(maps[0], cfg, cfg.pixel_threshold)
+    n = len(regions)
+    np.testing.assert_array_equal(out.boxes[0, :n].cpu().numpy(), [r["bbox"] for r in regions])
+    scripted = torch.jit.script(head)
+    for a, b in zip(scripted(x), out):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+    thr = torch.tensor([0.5, 0.6, 0.45, 0.7], device=device)
+    assert_static_matches(scripted(x, thr), DefectHead(cfg).to(device)(x, thr), 3)
+    # empty maps: every row is padding
+    empty = head(torch.zeros(2, 1, 8, 9, device=device))
+    assert (empty.num_regions == 0).all() and (empty.boxes == 0).all()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [STATIC, dict(max_regions=1), dict(max_regions=40, connectivity=4, fill_holes=True)]
+    + [dict(CONFIGS[i], max_regions=CONFIGS[i].get("max_regions", 4)) for i in (8, 11, 14, 17)],
+)
+def test_static_traced_path_equals_eager(overrides, maps, device):
+    """The forward torch.export / compile trace (fixed-size tables, K argmax rounds) against
+    the eager one (flat regions, then padding) on realistic and NaN maps and a 2x3 map."""
+    head = DefectHead(_cfg(overrides), static_output=True).to(device)
+    for x in (torch.from_numpy(maps), torch.from_numpy(nan_maps()), torch.rand(2, 1, 2, 3)):
+        x = x.to(device)
+        want, got = head(x), head._forward_static(x)
+        for name, a, b in zip(want._fields, want, got):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if name in ("score_mean", "centroid"):  # sums in another order
+                torch.testing.assert_close(b, a, rtol=1.2e-7, atol=0, equal_nan=True)
+            else:
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
+def test_static_output_needs_max_regions():
+    with pytest.raises(ValueError, match=r"static_output=True needs config\.max_regions"):
+        DefectHead(DefectsConfig(pixel_threshold=0.5), static_output=True)
+    with pytest.raises(TypeError, match="static_output must be True or False, got 1"):
+        DefectHead(DefectsConfig(pixel_threshold=0.5, max_regions=2), static_output=1)
+
+
+def test_python_number_threshold_and_numpy_input(maps):
+    head = DefectHead(_cfg(STATIC))
+    x = torch.from_numpy(maps)
+    assert_defects_equal(head(x, 0.5), head(x, torch.tensor(0.5)))
+    assert_defects_equal(head(x, 1), head(x, torch.tensor(1.0)))
+    with pytest.raises(TypeError, match=r"anomaly_map must be a torch\.Tensor, got numpy\.ndarray"):
+        head(maps)
+    with pytest.raises(TypeError, match=r"convert it with torch\.from_numpy"):
+        head(maps)
+    with pytest.raises(TypeError, match=r"pixel_threshold must be a number or a torch\.Tensor"):
+        head(x, "0.5")
+    with pytest.raises(TypeError, match=r"pixel_threshold must be a number or a torch\.Tensor"):
+        head(x, True)
+    with pytest.raises(ValueError, match="pixel_threshold must be not NaN, got nan"):
+        head(x, float("nan"))
+    with pytest.raises(ValueError, match="pixel_threshold must be not NaN, got nan"):
+        head(x, torch.tensor([0.5, float("nan"), 0.5, 0.5]))
+
+
+@pytest.mark.slow
+def test_torch_compile_cpu():
+    """torch.compile traces the head (graph breaks at the data-dependent sizes) and gives the
+    eager result; aot_eager, because Inductor's vectorized CPU kernels for padded bool masks
+    do not build (scripts/repro_inductor_bool_pad.py)."""
+    cfg = _cfg(STATIC)
+    maps = torch.from_numpy(realistic_maps(2, 24, 28, seed=2))
+    for static in (False, True):
+        head = DefectHead(cfg, static_output=static)
+        compiled = torch.compile(head, backend="aot_eager")
+        got, want = compiled(maps), head(maps)
+        if static:
+            for a, b in zip(got, want):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        else:
+            assert_defects_equal(got, want)
+    assert want.num_regions.sum() > 0

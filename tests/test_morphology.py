@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchdefects.morphology import _fill_holes, closing, dilation, erosion, fill_holes, opening
+from torchdefects.morphology import closing, dilation, erosion, fill_holes, opening
 
 OPS = {"open": opening, "close": closing, "erode": erosion, "dilate": dilation}
 CV2_OPS = {
@@ -276,16 +276,25 @@ def test_fill_holes_scripted_equals_eager(device):
     assert torch.equal(scripted(masks), fill_holes(masks))
 
 
-@pytest.mark.parametrize("by_table", [True, False])
-def test_fill_holes_both_strategies_vs_scipy(device, by_table):
-    # fill_holes paints holes through a run-id table on CUDA and run by run on the CPU;
-    # both strategies run here on any device.
+def test_fill_holes_random_batches_vs_scipy(device):
     rng = np.random.default_rng(5)
-    masks = np.stack(list(FILL_CASES.values()))
     randoms = rng.random((6, 40, 52)) < np.linspace(0.3, 0.9, 6)[:, None, None]
-    for batch in (masks, randoms):
-        out = _fill_holes(torch.from_numpy(batch).to(device), by_table).cpu().numpy()
-        np.testing.assert_array_equal(out, np.stack([fill_ref(m) for m in batch]))
-    scripted = torch.jit.script(_fill_holes)
     x = torch.from_numpy(randoms).to(device)
-    assert torch.equal(scripted(x, by_table), _fill_holes(x, by_table))
+    out = fill_holes(x)
+    np.testing.assert_array_equal(out.cpu().numpy(), np.stack([fill_ref(m) for m in randoms]))
+    assert torch.equal(torch.jit.script(fill_holes)(x), out)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_huge_ksize_is_clamped_and_fast(op):
+    import time
+
+    m = random_masks(3, 2, 4, 4)
+    start = time.perf_counter()
+    out = OPS[op](m, 100000001)
+    assert time.perf_counter() - start < 1.0
+    # Any square wider than twice the image is equivalent: compare with OpenCV at 2*4+1.
+    expected = np.stack([cv2_ref(x[0].numpy(), op, 9) for x in m])[:, None]
+    np.testing.assert_array_equal(out.numpy(), expected)
+    expected_big = np.stack([cv2_ref(x[0].numpy(), op, 31) for x in m])[:, None]
+    np.testing.assert_array_equal(out.numpy(), expected_big)

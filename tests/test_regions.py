@@ -220,3 +220,41 @@ def test_cuda_bit_identical_to_cpu():
         on[device] = (labels, counts, *regions, kept[0], *kept[1], kept[2])
     for a, b in zip(on["cpu"], on["cuda"]):
         assert torch.equal(a, b.cpu())
+
+
+def test_nan_pixels_are_ignored_and_scores_never_nan():
+    mask = torch.zeros(1, 4, 6, dtype=torch.bool)
+    mask[0, 0, 0:3] = True  # region 1: one NaN pixel among 0.2, 0.4
+    mask[0, 3, 4:6] = True  # region 2: all NaN
+    amap = torch.zeros(1, 4, 6)
+    amap[0, 0, :3] = torch.tensor([0.2, float("nan"), 0.4])
+    amap[0, 3, 4:6] = float("nan")
+    labels, counts = connected_components(mask)
+    regions = region_stats(labels, counts, amap)
+    ref = reference_regions(mask.numpy(), np.nan_to_num(amap.numpy(), nan=-np.inf), 8)
+    assert regions.score_max.tolist()[0] == pytest.approx(0.4)
+    expected = (np.float64(np.float32(0.2)) + np.float64(np.float32(0.4))) / 2
+    assert regions.score_mean.tolist()[0] == pytest.approx(expected)
+    assert regions.score_max[1] == float("-inf") and regions.score_mean[1] == float("-inf")
+    assert not torch.isnan(regions.score_max).any() and not torch.isnan(regions.score_mean).any()
+    assert regions.area.tolist() == [r["area"] for r in ref]
+    # A NaN never outranks a real score: with max_regions=1 the 0.4 region is kept.
+    _, kept, _ = select_regions(labels, regions, 1, max_regions=1)
+    assert kept.label.tolist() == [1]
+
+
+def test_nan_map_random_matches_nan_aware_reference():
+    rng = np.random.default_rng(21)
+    masks = rng.random((2, 30, 30)) < 0.5
+    maps = rng.random((2, 30, 30)).astype(np.float32)
+    maps[rng.random((2, 30, 30)) < 0.2] = np.nan
+    labels, counts = connected_components(torch.from_numpy(masks))
+    regions = region_stats(labels, counts, torch.from_numpy(maps))
+    for r, bi, lab in zip(range(len(regions.label)), regions.batch_index, regions.label):
+        ref_labels, _ = ndi.label(masks[bi], structure=np.ones((3, 3)))
+        vals = maps[bi][ref_labels == int(lab)]
+        vals = vals[~np.isnan(vals)]
+        exp_max = vals.max() if vals.size else -np.inf
+        exp_mean = vals.astype(np.float64).mean() if vals.size else -np.inf
+        assert regions.score_max[r].item() == exp_max
+        np.testing.assert_allclose(regions.score_mean[r].item(), exp_mean, rtol=1e-6)

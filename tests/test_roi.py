@@ -128,3 +128,17 @@ def test_roi_stats_vs_numpy(dtype, device):
     empty_max, empty_mean = roi_stats(torch.zeros(2, 0, 5))
     assert empty_max.isnan().all() and empty_mean.isnan().all()
     assert roi_stats(torch.zeros(0, 1, 5, 5))[0].shape == (0,)
+
+
+def test_argument_errors():
+    m = torch.rand(2, 1, 4, 4)
+    with pytest.raises(TypeError, match=r"anomaly_map must be a torch\.Tensor, got numpy\.ndarray"):
+        roi_stats(m.numpy())
+    with pytest.raises(ValueError, match="roi must be finite, got nan"):
+        roi_stats(m, torch.tensor([float("nan"), 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="roi must be finite, got nan"):
+        roi_mask(torch.tensor([0.0, 0.0, float("nan"), 1.0]), 4, 4)
+    with pytest.raises(TypeError, match=r"height must be an integer, got 4\.0"):
+        roi_mask(torch.zeros(4), 4.0, 4)
+    with pytest.raises(TypeError, match="width must be an integer, got True"):
+        roi_mask(torch.zeros(4), 4, True)

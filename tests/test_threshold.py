@@ -134,3 +134,25 @@ def test_exceptions():
         binarize(m, torch.tensor(True))
     with pytest.raises(ValueError, match=r"roi must have shape \(4,\)"):
         binarize(m, torch.tensor(0.5), roi=torch.zeros(2))
+
+
+def test_argument_errors():
+    m = torch.rand(2, 1, 4, 4)
+    assert torch.equal(binarize(m, 0.5), binarize(m, torch.tensor(0.5)))
+    with pytest.raises(TypeError, match=r"anomaly_map must be a torch\.Tensor, got numpy\.ndarray"):
+        binarize(m.numpy(), 0.5)
+    with pytest.raises(ValueError, match="pixel_threshold must be not NaN, got nan"):
+        binarize(m, float("nan"))
+    with pytest.raises(ValueError, match="pixel_threshold must be not NaN, got nan"):
+        binarize(m, torch.tensor([0.2, float("nan")]))
+    with pytest.raises(TypeError, match=r"pixel_threshold must be a number or a torch\.Tensor"):
+        binarize(m, None)
+    with pytest.raises(TypeError, match=r"pixel_threshold must be a number or a torch\.Tensor"):
+        binarize(m, "0.5")
+    # a NaN ROI used to give an empty mask silently
+    with pytest.raises(ValueError, match="roi must be finite, got nan"):
+        binarize(m, 0.5, roi=torch.tensor([0.0, float("nan"), 1.0, 1.0]))
+    with pytest.raises(ValueError, match="roi must be finite, got inf"):
+        binarize(m, 0.5, roi=torch.tensor([0.0, 0.0, float("inf"), 1.0]))
+    with pytest.raises(TypeError, match=r"roi must be a torch\.Tensor, got list"):
+        binarize(m, 0.5, roi=[0.0, 0.0, 1.0, 1.0])

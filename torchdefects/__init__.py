@@ -8,10 +8,18 @@ from torchdefects.components import connected_components
 from torchdefects.config import ConfigError, DefectsConfig, load_config, save_config
 from torchdefects.ellipse import dilate_ellipse, ellipse_kernel
 from torchdefects.evaluate import evaluate_dir
-from torchdefects.export import attach, load_scripted, save_scripted
+from torchdefects.export import (
+    attach,
+    export_from_config,
+    export_onnx,
+    export_pt2,
+    load_pt2,
+    load_scripted,
+    save_scripted,
+)
 from torchdefects.extract import extract_defects
 from torchdefects.filters import border_ignore, gaussian_kernel1d, smooth_map
-from torchdefects.head import DefectHead, Defects
+from torchdefects.head import DefectHead, Defects, StaticDefectHead, StaticDefects
 from torchdefects.hysteresis import hysteresis_bounds, hysteresis_threshold
 from torchdefects.metrics import DefectMetrics
 from torchdefects.morphology import closing, dilation, erosion, fill_holes, opening
@@ -59,6 +67,8 @@ __all__ = [
     "RunSummary",
     "SeverityRules",
     "ShapeStats",
+    "StaticDefectHead",
+    "StaticDefects",
     "__version__",
     "attach",
     "binarize",
@@ -71,6 +81,9 @@ __all__ = [
     "ellipse_kernel",
     "erosion",
     "evaluate_dir",
+    "export_from_config",
+    "export_onnx",
+    "export_pt2",
     "extract_defects",
     "fill_holes",
     "finalize_regions",
@@ -81,6 +94,7 @@ __all__ = [
     "image_threshold_normal_quantile",
     "list_presets",
     "load_config",
+    "load_pt2",
     "load_scripted",
     "merge_nearby",
     "merged_from_ids",

@@ -6,7 +6,8 @@ and what came: ``"pixel_threshold must be finite, got nan"``.
 """
 
 import math
-from typing import List
+import numbers
+from typing import Any, List
 
 import torch
 from torch import Tensor
@@ -61,6 +62,65 @@ def _as_per_image(x: Tensor, batch: int, name: str) -> Tensor:
     if x.dim() == 1 and (x.shape[0] == batch or x.shape[0] == 1):
         return x.expand(batch)
     raise ValueError(f"{name} must be a scalar or have shape ({batch},), got {list(x.shape)}")
+
+
+# ----------------------------------------------------------------------------
+# Eager-only checks: plain Python, per call, behind ``not torch.jit.is_scripting()``.
+# ----------------------------------------------------------------------------
+
+
+def _is_tracing() -> bool:
+    """True while TorchScript tracing, torch.compile or torch.export traces the code.
+
+    Value checks that read a tensor back to the host (a sync, and a data-dependent branch
+    that tracing cannot follow) run only when this is False.
+    """
+    if torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is None:
+        return False
+    for probe in ("is_compiling", "is_exporting"):
+        fn = getattr(compiler, probe, None)
+        if fn is not None and fn():
+            return True
+    return False
+
+
+def _check_tensor(x: Any, name: str) -> None:
+    """``x`` must be a torch.Tensor; NumPy arrays get a hint instead of a deep AttributeError."""
+    if isinstance(x, Tensor):
+        return
+    module = type(x).__module__
+    kind = type(x).__name__ if module == "builtins" else f"{module}.{type(x).__name__}"
+    hint = " (convert it with torch.from_numpy)" if module == "numpy" else ""
+    raise TypeError(f"{name} must be a torch.Tensor, got {kind}{hint}")
+
+
+def _number_or_tensor(x: Any, name: str) -> Any:
+    """A Python number becomes a float64 scalar tensor; a tensor is returned; None stays None."""
+    if x is None or isinstance(x, Tensor):
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        hint = " (convert it with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
+        raise TypeError(
+            f"{name} must be a number or a torch.Tensor, got {_fmt(x)} ({type(x).__name__}){hint}"
+        )
+    return torch.tensor(float(x), dtype=torch.float64)
+
+
+def _check_finite_values(x: Tensor, name: str, allow_inf: bool = False) -> None:
+    """No value of ``x`` is NaN (nor infinite unless ``allow_inf``).
+
+    One host sync: eager only, skipped while tracing, scripting or compiling.
+    """
+    if _is_tracing() or x.numel() == 0 or x.is_meta or not x.is_floating_point():
+        return
+    bad = torch.isnan(x) if allow_inf else ~torch.isfinite(x)
+    if bool(bad.any()):
+        value = x[bad][0].item()
+        what = "not NaN" if allow_inf else "finite"
+        raise ValueError(f"{name} must be {what}, got {value}")
 
 
 # ----------------------------------------------------------------------------

@@ -13,125 +13,109 @@ count of roots numbers components as SciPy does. The work grows with the number 
 runs, not of pixels, apart from a few flat passes over the mask.
 """
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import (
-    _flat_nonzero,
-    _paint_runs,
-    _row_runs,
-    _run_pixels,
-    _RunPixels,
-    _runs_at,
-)
+from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
 
 __all__ = ["connected_components"]
 
 
-def _run_edges(
-    run_id: Optional[Tensor],
-    px: _RunPixels,
-    row: Tensor,
-    y: Tensor,
-    start: Tensor,
-    num_rows: int,
-    height: int,
-    width: int,
-    connectivity: int,
-) -> Tuple[Tensor, Tensor]:
-    """Pairs ``(u, v)`` of runs of consecutive rows of one image that touch, each once.
+def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tuple[Tensor, Tensor]:
+    """Edges ``(u, v)`` that join the runs of each component, two per run (fixed size).
 
-    Two touching runs overlap (for 8-connectivity: with one column of slack) on an
-    interval that begins at the start of one of them, so it is enough to look, from
-    each run's start, at the pixel above and below it (and, for 8-connectivity, at
-    the one before each of those). A pair is kept from the side of the run that
-    starts later (from below on a tie), so each appears once. ``run_id``, the flat
-    map of 1-based run ids, answers each look in O(1); without it, a binary search.
+    Two sorted lists of disjoint intervals (the runs of two consecutive rows) overlap
+    in a staircase: every overlapping pair ``(i, j)`` has ``j`` the first run of its
+    row that overlaps ``i``, or ``i`` the first run of its row that overlaps ``j``. So
+    each run looks up the first run it may overlap in the row above and in the row
+    below: the run at, or next after, column ``start - slack`` of that row, which the
+    change count gives in one gather. A look that finds no overlap gives a self-loop
+    ``(i, i)``, which union-find ignores. No host synchronization.
     """
-    looks: List[Tensor] = []
-    keeps: List[Tensor] = []
-    for dy in [-1, 1]:
-        inside = (y != 0) if dy == -1 else (y != height - 1)
-        base = (row + dy).clamp(0, num_rows - 1) * width + start
-        here = _runs_at(base, run_id, px.first, px.stop)  # int32, -1 for background
-        candidates = [here]
-        if connectivity == 8:
-            before = _runs_at((base - 1).clamp(min=0), run_id, px.first, px.stop)
-            candidates.append(before.masked_fill((start == 0) | (before == here), -1))
-        for other in candidates:
-            other_start = start.index_select(0, other.clamp(min=0))
-            later = (other_start <= start) if dy == -1 else (other_start < start)
-            looks.append(other)
-            keeps.append(inside & (other >= 0) & later)
-    # Looks side by side, one row per run: one nonzero (one host sync) finds every hit,
-    # and the run that looked is the hit's row, a shift away (2 or 4 looks per run).
-    hit = _flat_nonzero(torch.stack(keeps, 1).view(-1))
-    shift = 1 if len(looks) == 2 else 2
-    u = torch.bitwise_right_shift(hit, shift)
-    v = torch.stack(looks, 1).view(-1).index_select(0, hit)
-    return u, v
+    n = runs.row.shape[0]
+    slack = 1 if connectivity == 8 else 0
+    num_pixels = runs.count.shape[0]
+    step = width + 1
+    # Run j of row r +- 1 overlaps run i (columns s..e-1) of row r when
+    # end_j > s - slack and start_j < e + slack.
+    at = (runs.row * step + runs.start - slack).repeat(2)
+    at = (at + torch.cat([-runs.row.new_full((n,), step), runs.row.new_full((n,), step)])).clamp(
+        0, num_pixels - 1
+    )
+    j = torch.bitwise_right_shift(runs.count.index_select(0, at), 1).to(torch.int64)
+    # Checks on keys with a gap row between images (a look never crosses into the next
+    # image): run j must start in the row looked at, before e + slack. Past the last
+    # run, j = n finds the sentinel, which fails.
+    stride = width + 2
+    row = runs.row + torch.div(runs.row, height, rounding_mode="floor")
+    at_row = torch.cat([row - 1, row + 1]) * stride
+    first = torch.cat([row * stride + runs.start, row.new_full((1,), 2**60)]).index_select(0, j)
+    hit = (first >= at_row) & (first < at_row + (runs.end + slack).repeat(2))
+    u = torch.arange(n, device=row.device).repeat(2)
+    return u, torch.where(hit, j, u)
 
 
-def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
-    """Root of every node; each root is the smallest node of its component."""
-    parent = torch.arange(num_nodes, device=u.device)
-    while u.numel() > 0:
-        pu = parent.index_select(0, u)
-        pv = parent.index_select(0, v)
-        live = _flat_nonzero(pu != pv)
-        if live.numel() == 0:
-            break
-        u, v = u.index_select(0, live), v.index_select(0, live)
-        pu, pv = pu.index_select(0, live), pv.index_select(0, live)
-        parent.scatter_reduce_(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
-        # Two jumps per check: when the second changes nothing, every node points to a
-        # root. Half the host syncs of checking after each jump.
-        while True:
-            parent = parent.index_select(0, parent)
-            grand = parent.index_select(0, parent)
-            if bool(torch.equal(grand, parent)):
-                break
-            parent = grand
+def _hook_and_jump(parent: Tensor, pu: Tensor, pv: Tensor) -> Tensor:
+    """One round of union-find, given the parents ``pu``, ``pv`` of every edge's ends.
+
+    Each edge points the larger of the two parents to the smaller
+    (``scatter_reduce(amin)``), then three pointer jumps follow. Parents only ever
+    point to smaller nodes of the same component, so there is no cycle, and the
+    smallest node of a component is its root at the end.
+    """
+    parent = parent.scatter_reduce(0, torch.maximum(pu, pv), torch.minimum(pu, pv), reduce="amin")
+    for _ in range(3):
+        parent = parent.index_select(0, parent)
     return parent
 
 
-class _ConnectedRuns(NamedTuple):
-    """The runs of a batch of masks, joined into components (see the module docstring)."""
+def _union_find_traced(parent: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """The loop of :func:`_union_find` as a ``while_loop``, for torch.export / compile."""
+    from torch._higher_order_ops.while_loop import while_loop
 
-    row: Tensor  # int64 (R,), row over the whole batch
-    image: Tensor  # int64 (R,)
-    y: Tensor  # int64 (R,), row within the image
-    start: Tensor  # int64 (R,), first column
-    end: Tensor  # int64 (R,), one past the last column
-    root: Tensor  # int64 (R,), the component's first run
-    pixels: _RunPixels
-    canvas: Optional[Tensor]  # int32 flat map of 1-based run ids (if made), free for reuse
+    def cond(p: Tensor) -> Tensor:
+        return (p.index_select(0, u) != p.index_select(0, v)).any()
+
+    def body(p: Tensor) -> Tuple[Tensor]:
+        return (_hook_and_jump(p, p.index_select(0, u), p.index_select(0, v)),)
+
+    return while_loop(cond, body, (parent,))[0]
 
 
-def _connect_runs(fg: Tensor, connectivity: int, with_canvas: bool = False) -> _ConnectedRuns:
-    """Runs of ``fg`` (bool :math:`(B, H, W)`, at least one pixel) and their components.
+def _union_find(num_nodes: int, u: Tensor, v: Tensor) -> Tensor:
+    """Root of every node (the smallest node of its component), int64.
 
-    ``with_canvas`` asks for the map of run ids even where a search would be cheaper.
+    Rounds of :func:`_hook_and_jump` until the two ends of every edge have the same
+    parent. Then every node of a component has one parent ``p`` (edges chain them),
+    ``p`` among them, so ``parent[p] == p``: ``p`` is the root and the trees are flat.
+    One host synchronization per two rounds (the check); under torch.export the loop
+    is a ``while_loop`` (TorchScript cannot compile one).
     """
+    parent = _hook_and_jump(torch.arange(num_nodes, device=u.device), u, v)
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            return _union_find_traced(parent, u, v)
+    pu = parent.index_select(0, u)
+    pv = parent.index_select(0, v)
+    # Two rounds per check: components of defect masks take three to five rounds, so
+    # this halves the host synchronizations for at most one round of extra work.
+    while not torch.equal(pu, pv):
+        parent = _hook_and_jump(parent, pu, pv)
+        parent = _hook_and_jump(parent, parent.index_select(0, u), parent.index_select(0, v))
+        pu = parent.index_select(0, u)
+        pv = parent.index_select(0, v)
+    return parent
+
+
+def _components(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor]:
+    """Runs of ``fg`` (bool :math:`(B, H, W)`) and the root run of each one's component."""
     b, h, w = fg.shape[0], fg.shape[1], fg.shape[2]
-    numel = b * h * w
-    row, start, end = _row_runs(fg.reshape(b * h, w))
-    num_runs = row.shape[0]
-    px = _run_pixels(row, start, end, w, numel)
-    canvas: Optional[Tensor] = None
-    # A map of run ids answers each look with a gather; few long runs (a mostly-empty
-    # background) are cheaper to search than to paint over every pixel.
-    if with_canvas or px.sparse or 64 * num_runs > numel:
-        ids = torch.arange(1, num_runs + 1, dtype=torch.int32, device=fg.device)
-        canvas = _paint_runs(ids, px, numel)
-    image = torch.div(row, h, rounding_mode="floor")
-    y = row - image * h
-    u, v = _run_edges(canvas, px, row, y, start, b * h, h, w, connectivity)
-    root = _union_find(num_runs, u, v)
-    return _ConnectedRuns(row, image, y, start, end, root, px, canvas)
+    runs = _row_runs(fg.reshape(b * h, w))
+    u, v = _run_edges(runs, h, w, connectivity)
+    return runs, _union_find(runs.row.shape[0], u, v)
 
 
 def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, Tensor]:
@@ -169,20 +153,18 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     if connectivity != 4 and connectivity != 8:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     x = _as_bhw(mask, "mask")
-    b, h, w = x.shape[0], x.shape[1], x.shape[2]
+    b, h = x.shape[0], x.shape[1]
     fg = x if x.dtype == torch.bool else x != 0
-    counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
-    if fg.numel() == 0:
+    if b * h * fg.shape[2] == 0:
+        counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
-    runs = _connect_runs(fg, connectivity)
-    num_runs = runs.row.shape[0]
-    if num_runs == 0:
-        return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
-
-    is_root = (runs.root == torch.arange(num_runs, device=mask.device)).to(torch.int64)
-    counts.index_add_(0, runs.image, is_root)
-    first_of_image = torch.cumsum(counts, 0) - counts
-    rank = torch.cumsum(is_root, 0)
-    run_label = rank.index_select(0, runs.root) - first_of_image.index_select(0, runs.image)
-    labels = _paint_runs(run_label.to(torch.int32), runs.pixels, b * h * w, out=runs.canvas)
+    runs, root = _components(fg, connectivity)
+    # Roots are the first runs of their components, in raster order: a running count of
+    # roots, minus the count before each image, numbers them as SciPy does.
+    is_root = (root == torch.arange(root.shape[0], device=root.device)).to(torch.int64)
+    image = torch.div(runs.row, h, rounding_mode="floor")
+    counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
+    before = torch.cumsum(counts, 0) - counts
+    label = torch.cumsum(is_root, 0).index_select(0, root) - before.index_select(0, image)
+    labels = _paint(runs, label.to(torch.int32), mask.shape[-1])
     return labels.view(mask.shape), counts

@@ -2,20 +2,27 @@
 
 import json
 from dataclasses import replace
-from typing import Final, NamedTuple, Optional
+from typing import Any, Final, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from torchdefects._check import _as_b1hw, _as_per_image, _check_float_map
+from torchdefects._check import (
+    _as_b1hw,
+    _as_per_image,
+    _check_finite_values,
+    _check_float_map,
+    _check_tensor,
+    _is_tracing,
+    _number_or_tensor,
+)
 from torchdefects.components import connected_components
 from torchdefects.config import DefectsConfig
 from torchdefects.morphology import closing, fill_holes, opening
 from torchdefects.regions import Regions, region_stats, select_regions
-from torchdefects.roi import roi_mask, roi_stats, roi_tensor
-from torchdefects.threshold import binarize
+from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
 
-__all__ = ["DefectHead", "Defects"]
+__all__ = ["DefectHead", "Defects", "StaticDefectHead", "StaticDefects"]
 
 
 class Defects(NamedTuple):
@@ -30,6 +37,10 @@ class Defects(NamedTuple):
         roi_max: float32 :math:`(B,)`, max of the map over the ROI pixels (NaN ignored).
         roi_mean: float32 :math:`(B,)`, mean of the map over the ROI pixels (NaN ignored).
         pixel_threshold: float32 :math:`(B,)`, the threshold used for each image.
+        image_score: float32 :math:`(B,)`, the image score: the detector's when ``forward``
+            got ``image_score``, else ``roi_max`` (the rule; there is no flag in the output).
+        image_label: int64 :math:`(B,)`, 1 defective, 0 good: ``image_score >=
+            config.image_threshold`` when the config sets one, else ``num_regions > 0``.
     """
 
     mask: Tensor
@@ -39,6 +50,92 @@ class Defects(NamedTuple):
     roi_max: Tensor
     roi_mean: Tensor
     pixel_threshold: Tensor
+    image_score: Tensor
+    image_label: Tensor
+
+
+class StaticDefects(NamedTuple):
+    """What ``DefectHead(config, static_output=True)`` returns: fixed-capacity outputs.
+
+    The regions are padded to ``K = config.max_regions`` rows per image, the convention of
+    detection exports (TensorRT ``EfficientNMS``: ``num_detections``, then fixed-size boxes,
+    scores, classes): image ``b`` has ``num_regions[b]`` valid rows, in the order of
+    :class:`Defects` ``regions`` (``score_max`` desc, ``area`` desc, ``label`` asc); the rows
+    past ``num_regions[b]`` are all zero. No output size depends on the data, so the head
+    exports (torch.export, ONNX) with static output shapes given ``B, H, W``.
+
+    Attributes:
+        mask: bool :math:`(B, 1, H, W)`, the pixels of the reported regions.
+        labels: int32 :math:`(B, 1, H, W)`, 0 background, else the region's ``label``.
+        num_regions: int64 :math:`(B,)`, valid rows per image (``<= K``).
+        boxes: int64 :math:`(B, K, 4)`, inclusive ``[x1, y1, x2, y2]`` in map pixels.
+        area: int64 :math:`(B, K)`, pixel count.
+        label: int64 :math:`(B, K)`, the region's value in ``labels`` (0 on padding rows).
+        centroid: float32 :math:`(B, K, 2)`, mean ``[x, y]`` of the region's pixels.
+        score_max: float32 :math:`(B, K)`, max of the map over the region.
+        score_mean: float32 :math:`(B, K)`, mean of the map over the region.
+        roi_max: float32 :math:`(B,)`, as in :class:`Defects`.
+        roi_mean: float32 :math:`(B,)`, as in :class:`Defects`.
+        pixel_threshold_used: float32 :math:`(B,)`, the threshold used for each image.
+        image_score: float32 :math:`(B,)`, as in :class:`Defects`.
+        image_label: int64 :math:`(B,)`, as in :class:`Defects`.
+    """
+
+    mask: Tensor
+    labels: Tensor
+    num_regions: Tensor
+    boxes: Tensor
+    area: Tensor
+    label: Tensor
+    centroid: Tensor
+    score_max: Tensor
+    score_mean: Tensor
+    roi_max: Tensor
+    roi_mean: Tensor
+    pixel_threshold_used: Tensor
+    image_score: Tensor
+    image_label: Tensor
+
+
+def _pad_regions(
+    regions: Regions, num_regions: Tensor, capacity: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flat regions (grouped by image, at most ``capacity`` each) to zero-padded (B, K, ...)."""
+    batch = num_regions.shape[0]
+    first = torch.cumsum(num_regions, 0) - num_regions
+    rank = torch.arange(regions.area.shape[0], device=num_regions.device)
+    slot = regions.batch_index * capacity + rank - first.index_select(0, regions.batch_index)
+    ints = torch.cat([regions.bbox_xyxy, regions.area.unsqueeze(1), regions.label.unsqueeze(1)], 1)
+    floats = torch.cat(
+        [
+            regions.centroid_xy.to(torch.float32),
+            regions.score_max.to(torch.float32).unsqueeze(1),
+            regions.score_mean.to(torch.float32).unsqueeze(1),
+        ],
+        1,
+    )
+    ints = ints.new_zeros(batch * capacity, 6).index_copy(0, slot, ints).view(batch, capacity, 6)
+    floats = floats.new_zeros(batch * capacity, 4).index_copy(0, slot, floats)
+    floats = floats.view(batch, capacity, 4)
+    return (
+        ints[:, :, 0:4],
+        ints[:, :, 4],
+        ints[:, :, 5],
+        floats[:, :, 0:2],
+        floats[:, :, 2],
+        floats[:, :, 3],
+    )
+
+
+class _HeadOut(NamedTuple):
+    labels: Tensor
+    num_regions: Tensor
+    regions: Regions
+    roi_max: Tensor
+    roi_mean: Tensor
+    pixel_threshold: Tensor
+    image_score: Tensor
+    image_label: Tensor
 
 
 class DefectHead(nn.Module):
@@ -48,32 +145,60 @@ class DefectHead(nn.Module):
     :func:`~torchdefects.closing`, :func:`~torchdefects.fill_holes`,
     :func:`~torchdefects.connected_components`, :func:`~torchdefects.region_stats`,
     :func:`~torchdefects.select_regions` and :func:`~torchdefects.roi_stats`; see them for the
-    exact semantics. One rule is the head's own: when there is a ROI, the mask is gated by it
-    again after the closing, because a closing can switch on pixels outside the ROI where the
-    ROI meets the image border (OpenCV/kornia borders ignore the outside of the image).
+    exact semantics. Two rules are the head's own:
 
-    The threshold and the ROI are buffers in float64 (``threshold``, ``roi``), so they follow
-    ``.to(device)`` and the state dict; a dtype cast of the module (``.half()``) leaves them
-    in float64, so the threshold is never rounded to the map's precision before the comparison.
+    - **ROI and NaN gate.** A pixel outside the ROI or whose map value is NaN is never
+      foreground, after any stage: the threshold excludes them, and the head removes them
+      again after the closing (a closing can switch on a pixel outside the ROI where the ROI
+      meets the image border, or a NaN pixel between two foreground ones) and after hole
+      filling (a NaN pixel enclosed by a region is a hole). So no region holds a NaN pixel and
+      no region score is NaN.
+    - **Image score and label.** ``image_score`` is the detector's image score when
+      ``forward`` gets one, else ``roi_max``; ``image_label`` is ``image_score >=
+      config.image_threshold`` when the config sets it, else 1 when the image has a reported
+      region. The comparison is in float32 (the threshold rounded to float32, like the pixel
+      threshold for float32 maps), so a score printed as 0.9 meets a threshold of 0.9. A NaN
+      image score is never defective by threshold.
+
+    The threshold, the image threshold and the ROI are buffers in float64 (``threshold``,
+    ``image_threshold``, ``roi``), so they follow ``.to(device)``; ``threshold`` and ``roi``
+    are in the state dict (``image_threshold`` only in the config); a dtype
+    cast of the module (``.half()``) leaves them in float64, so the threshold is never rounded
+    to the map's precision before the comparison.
+
+    ``DefectHead(config, static_output=True)`` builds a :class:`StaticDefectHead`, whose forward
+    returns :class:`StaticDefects` (regions padded to ``config.max_regions`` rows): the form
+    that :mod:`torchdefects.export` writes to ``.pt2`` and ONNX.
 
     Args:
         config: the settings; ``config.pixel_threshold`` may be ``None`` when every call gives
             ``pixel_threshold``.
+        static_output: return :class:`StaticDefects` (needs ``config.max_regions``).
 
     Shape:
         - anomaly_map: :math:`(B, 1, H, W)` or :math:`(B, H, W)`, float16/bfloat16/float32/float64.
-        - pixel_threshold: scalar tensor or :math:`(B,)`, overrides the config's threshold.
+        - pixel_threshold: a number (eager only), a scalar tensor or :math:`(B,)`; overrides
+          the config's threshold.
+        - image_score: optional scalar or :math:`(B,)` tensor, the detector's image scores.
         - Output: :class:`Defects`, masks and labels :math:`(B, 1, H, W)` whatever the input.
+
+    Raises:
+        TypeError: ``anomaly_map`` is not a float tensor (NumPy arrays included), a threshold
+            or image score of the wrong type.
+        ValueError: bad shapes, a NaN per-call threshold (eager), no threshold at all.
 
     Example:
         >>> head = DefectHead(DefectsConfig(pixel_threshold=0.5, open_ksize=3))
         >>> out = head(torch.rand(2, 1, 32, 32))
-        >>> out.mask.shape, out.num_regions.shape
-        (torch.Size([2, 1, 32, 32]), torch.Size([2]))
+        >>> out.mask.shape, out.num_regions.shape, out.image_label.dtype
+        (torch.Size([2, 1, 32, 32]), torch.Size([2]), torch.int64)
+        >>> head(torch.rand(2, 32, 32), 0.9).pixel_threshold
+        tensor([0.9000, 0.9000])
     """
 
     has_threshold: Final[bool]
     has_roi: Final[bool]
+    has_image_threshold: Final[bool]
     open_ksize: Final[int]
     close_ksize: Final[int]
     fill_holes: Final[bool]
@@ -81,10 +206,23 @@ class DefectHead(nn.Module):
     max_regions: Final[Optional[int]]
     connectivity: Final[int]
 
-    def __init__(self, config: DefectsConfig) -> None:
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DefectHead":
+        static = kwargs.get("static_output", args[1] if len(args) > 1 else False)
+        if cls is DefectHead and static is True:
+            cls = StaticDefectHead
+        return super().__new__(cls)
+
+    def __init__(self, config: DefectsConfig, static_output: bool = False) -> None:
         super().__init__()
         if not isinstance(config, DefectsConfig):
             raise TypeError(f"config must be a DefectsConfig, got {type(config).__name__}")
+        if not isinstance(static_output, bool):
+            raise TypeError(f"static_output must be True or False, got {static_output!r}")
+        if static_output and config.max_regions is None:
+            raise ValueError(
+                "static_output=True needs config.max_regions (the capacity K of the padded "
+                "outputs), got None"
+            )
         # A validated copy: later edits to the caller's config cannot desync the flags below.
         config = replace(config)
         self.config = config
@@ -92,6 +230,7 @@ class DefectHead(nn.Module):
         self.config_json: str = json.dumps(config.to_dict(), sort_keys=True)
         self.has_threshold = config.pixel_threshold is not None
         self.has_roi = config.roi_xyxy_norm is not None
+        self.has_image_threshold = config.image_threshold is not None
         self.open_ksize = config.open_ksize
         self.close_ksize = config.close_ksize
         self.fill_holes = config.fill_holes
@@ -100,10 +239,17 @@ class DefectHead(nn.Module):
         self.connectivity = config.connectivity
         thr = config.pixel_threshold if config.pixel_threshold is not None else float("nan")
         self.register_buffer("threshold", torch.tensor(thr, dtype=torch.float64))
+        image_thr = config.image_threshold
+        image_thr = image_thr if image_thr is not None else float("nan")
+        # Not in the state dict (older state dicts keep loading); the config carries it.
+        self.register_buffer(
+            "image_threshold", torch.tensor(image_thr, dtype=torch.float64), persistent=False
+        )
         self.register_buffer("roi", roi_tensor(config.roi_xyxy_norm))
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        kept = {"threshold": self.threshold, "roi": self.roi}
+        kept = {"threshold": self.threshold, "image_threshold": self.image_threshold}
+        kept["roi"] = self.roi
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
@@ -115,7 +261,10 @@ class DefectHead(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
-    def forward(self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor] = None) -> Defects:
+    def _labels(
+        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Threshold, gates, morphology, labeling: ``(x, xc, allowed, thr, labels, counts)``."""
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
         batch, height, width = x.shape[0], x.shape[2], x.shape[3]
@@ -123,37 +272,292 @@ class DefectHead(nn.Module):
             if not self.has_threshold:
                 raise ValueError(
                     "pixel_threshold must be given: the config has pixel_threshold=None, "
-                    "so pass forward(anomaly_map, pixel_threshold=tensor)"
+                    "so pass forward(anomaly_map, pixel_threshold=...)"
                 )
             thr = self.threshold
         else:
             thr = pixel_threshold
-        thr = _as_per_image(thr, batch, "pixel_threshold").to(x.device)
-        roi: Optional[Tensor] = None
+        thr = _as_per_image(thr, batch, "pixel_threshold")
+        # binarize's rule: float32 comparison, float64 for float64 maps.
+        cmp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xc = x if x.dtype == cmp_dtype else x.to(cmp_dtype)
+        thr = thr.to(device=x.device, dtype=cmp_dtype)
+        # NaN fails every comparison, so x == x is "not NaN" in one pass.
+        allowed = xc == xc
         if self.has_roi:
-            roi = self.roi
-
-        mask = binarize(x, thr, roi)
+            allowed = allowed & _roi_mask(self.roi, height, width)
+        mask = xc >= thr.view(batch, 1, 1, 1)
+        if self.has_roi:
+            mask = mask & allowed
         if self.open_ksize > 0:
             mask = opening(mask, self.open_ksize)
         if self.close_ksize > 0:
-            mask = closing(mask, self.close_ksize)
-            if roi is not None:
-                mask = mask & roi_mask(roi, height, width)
+            mask = closing(mask, self.close_ksize) & allowed
         if self.fill_holes:
-            mask = fill_holes(mask)
+            mask = fill_holes(mask) & allowed
         labels, counts = connected_components(mask, self.connectivity)
+        return x, xc, allowed, thr, labels, counts
+
+    def _image(
+        self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(roi_max, roi_mean, image_score, image_label)``."""
+        batch, height, width = xc.shape[0], xc.shape[2], xc.shape[3]
+        roi_max, roi_mean = _masked_stats(
+            xc.reshape(batch, height * width), allowed.reshape(batch, height * width)
+        )
+        if image_score is None:
+            score = roi_max
+        else:
+            score = _as_per_image(image_score, batch, "image_score").to(
+                device=xc.device, dtype=torch.float32
+            )
+        if self.has_image_threshold:
+            label = (score >= self.image_threshold.to(torch.float32)).to(torch.int64)
+        else:
+            label = (num_regions > 0).to(torch.int64)
+        return roi_max, roi_mean, score, label
+
+    def _run(
+        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
+    ) -> _HeadOut:
+        x, xc, allowed, thr, labels, counts = self._labels(anomaly_map, pixel_threshold)
         regions = region_stats(labels, counts, x)
         labels, regions, num_regions = select_regions(
-            labels, regions, batch, self.min_area, self.max_regions
+            labels, regions, x.shape[0], self.min_area, self.max_regions
         )
-        roi_max, roi_mean = roi_stats(x, roi)
-        return Defects(
-            mask=labels != 0,
+        roi_max, roi_mean, score, label = self._image(xc, allowed, num_regions, image_score)
+        return _HeadOut(
             labels=labels,
             num_regions=num_regions,
             regions=regions,
             roi_max=roi_max,
             roi_mean=roi_mean,
-            pixel_threshold=thr.to(torch.float32).contiguous(),
+            pixel_threshold=thr.to(torch.float32),
+            image_score=score,
+            image_label=label,
         )
+
+    def forward(
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor] = None,
+        image_score: Optional[Tensor] = None,
+    ) -> Defects:
+        if not torch.jit.is_scripting():
+            anomaly_map, pixel_threshold, image_score = _eager_args(
+                anomaly_map, pixel_threshold, image_score
+            )
+        out = self._run(anomaly_map, pixel_threshold, image_score)
+        return Defects(
+            mask=out.labels != 0,
+            labels=out.labels,
+            num_regions=out.num_regions,
+            regions=out.regions,
+            roi_max=out.roi_max,
+            roi_mean=out.roi_mean,
+            pixel_threshold=out.pixel_threshold,
+            image_score=out.image_score,
+            image_label=out.image_label,
+        )
+
+
+def _eager_args(anomaly_map: Any, pixel_threshold: Any, image_score: Any) -> Tuple[Any, Any, Any]:
+    """Python-side argument checks and conversions of ``forward`` (skipped when scripted)."""
+    _check_tensor(anomaly_map, "anomaly_map")
+    pixel_threshold = _number_or_tensor(pixel_threshold, "pixel_threshold")
+    if pixel_threshold is not None:
+        _check_finite_values(pixel_threshold, "pixel_threshold", allow_inf=True)
+    if image_score is not None:
+        _check_tensor(image_score, "image_score")
+        if not image_score.is_floating_point():
+            raise TypeError(f"image_score must be a float tensor, got {str(image_score.dtype)}")
+    return anomaly_map, pixel_threshold, image_score
+
+
+class StaticDefectHead(DefectHead):
+    """The :class:`DefectHead` that ``DefectHead(cfg, static_output=True)`` builds.
+
+    Its forward returns :class:`StaticDefects`.
+
+    Args:
+        config: the settings; ``config.max_regions`` is the capacity ``K`` and is required.
+        static_output: must be True (present so both spellings construct the same module).
+
+    Example:
+        >>> head = DefectHead(DefectsConfig(pixel_threshold=0.5, max_regions=4), static_output=True)
+        >>> out = head(torch.rand(2, 1, 32, 32))
+        >>> out.boxes.shape, out.score_max.shape, out.num_regions.shape
+        (torch.Size([2, 4, 4]), torch.Size([2, 4]), torch.Size([2]))
+    """
+
+    capacity: Final[int]
+
+    def __init__(self, config: DefectsConfig, static_output: bool = True) -> None:
+        if static_output is not True:
+            raise ValueError("StaticDefectHead needs static_output=True; use DefectHead instead")
+        super().__init__(config, static_output=True)
+        assert config.max_regions is not None
+        self.capacity = config.max_regions
+
+    def forward(  # type: ignore[override]
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor] = None,
+        image_score: Optional[Tensor] = None,
+    ) -> StaticDefects:
+        if not torch.jit.is_scripting():
+            anomaly_map, pixel_threshold, image_score = _eager_args(
+                anomaly_map, pixel_threshold, image_score
+            )
+            if _is_tracing():
+                return self._forward_static(anomaly_map, pixel_threshold, image_score)
+        out = self._run(anomaly_map, pixel_threshold, image_score)
+        boxes, area, label, centroid, score_max, score_mean = _pad_regions(
+            out.regions, out.num_regions, self.capacity
+        )
+        return StaticDefects(
+            mask=out.labels != 0,
+            labels=out.labels,
+            num_regions=out.num_regions,
+            boxes=boxes,
+            area=area,
+            label=label,
+            centroid=centroid,
+            score_max=score_max,
+            score_mean=score_mean,
+            roi_max=out.roi_max,
+            roi_mean=out.roi_mean,
+            pixel_threshold_used=out.pixel_threshold,
+            image_score=out.image_score,
+            image_label=out.image_label,
+        )
+
+    @torch.jit.unused
+    def _forward_static(
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor] = None,
+        image_score: Optional[Tensor] = None,
+    ) -> StaticDefects:
+        """The forward that torch.export and torch.compile trace: no data-dependent size.
+
+        Statistics go into a per-image table indexed by label (every label of an image is
+        below ``H * W``), the selection is a per-image sort of that table, and the first
+        ``K`` entries are the output. Same results as the eager forward (integers bit-equal;
+        ``score_mean`` sums in another order, so equal to float32 rounding).
+        """
+        x, xc, allowed, thr, labels, _ = self._labels(anomaly_map, pixel_threshold)
+        out = _static_regions(labels, x, self.min_area, self.capacity)
+        labels_kept, num_regions, boxes, area, label, centroid, score_max, score_mean = out
+        roi_max, roi_mean, score, image_label = self._image(xc, allowed, num_regions, image_score)
+        return StaticDefects(
+            mask=labels_kept != 0,
+            labels=labels_kept,
+            num_regions=num_regions,
+            boxes=boxes,
+            area=area,
+            label=label,
+            centroid=centroid,
+            score_max=score_max,
+            score_mean=score_mean,
+            roi_max=roi_max,
+            roi_mean=roi_mean,
+            pixel_threshold_used=thr.to(torch.float32),
+            image_score=score,
+            image_label=image_label,
+        )
+
+
+def _static_regions(
+    labels: Tensor, anomaly_map: Tensor, min_area: int, capacity: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Region stats and selection with static shapes (see ``StaticDefectHead._forward_static``).
+
+    Returns ``(labels, num_regions, boxes, area, label, centroid, score_max, score_mean)`` as
+    in :class:`StaticDefects`. Table column ``j`` of image ``b`` holds label ``j`` (0 is the
+    background, never selected); ``capacity`` spare columns keep ``K`` columns even for maps
+    with fewer pixels. Scatters with a reduction (ONNX ``ScatterElements``) handle repeated
+    indices, which ``index_add`` translated to ``ScatterND`` does not.
+    """
+    b, h, w = labels.shape[0], labels.shape[-2], labels.shape[-1]
+    n = h * w
+    # An image has at most ceil(n / 2) components (a 4-connected checkerboard): labels fit.
+    width = (n + 1) // 2 + 1 + capacity
+    device = labels.device
+    lab = labels.reshape(b, n).to(torch.int64)
+    index = (lab + torch.arange(b, device=device).unsqueeze(1) * width).reshape(-1)
+    size = b * width
+    pos = torch.arange(n, device=device)
+    row = torch.div(pos, w, rounding_mode="floor")
+    xs = (pos - row * w).expand(b, n).reshape(-1)
+    ys = row.expand(b, n).reshape(-1)
+    i64 = torch.int64
+    ones = torch.ones(b * n, dtype=i64, device=device)
+    area = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, ones)
+    x1 = torch.full((size,), w, dtype=i64, device=device).scatter_reduce(0, index, xs, "amin")
+    x2 = torch.full((size,), -1, dtype=i64, device=device).scatter_reduce(0, index, xs, "amax")
+    y1 = torch.full((size,), h, dtype=i64, device=device).scatter_reduce(0, index, ys, "amin")
+    y2 = torch.full((size,), -1, dtype=i64, device=device).scatter_reduce(0, index, ys, "amax")
+    sum_x = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, xs)
+    sum_y = torch.zeros(size, dtype=i64, device=device).scatter_add(0, index, ys)
+    score_dtype = torch.float64 if anomaly_map.dtype == torch.float64 else torch.float32
+    values = anomaly_map.reshape(-1).to(score_dtype)
+    fg = lab.reshape(-1) != 0
+    # Background pixels (NaN included) go to column 0 but must not poison a region: mask them.
+    values = torch.where(fg, values, torch.zeros_like(values))
+    smax = torch.full((size,), float("-inf"), dtype=score_dtype, device=device)
+    smax = smax.scatter_reduce(0, index, values, "amax")
+    ssum = torch.zeros(size, dtype=torch.float64, device=device)
+    ssum = ssum.scatter_add(0, index, values.to(torch.float64))
+
+    col = torch.arange(width, device=device).unsqueeze(0)
+    area2 = area.view(b, width)
+    valid = (area2 >= max(min_area, 1)) & (col > 0)
+    # Selection, K rounds of "the best left": score_max desc, then area desc, then label asc.
+    # ``tie`` is unique per column and orders area desc, label asc, so each round's argmax
+    # is exact; no sort (ONNX has no stable sort) and K small static loops.
+    # Entries already picked (and invalid ones) get score -inf and tie key -1: a valid region
+    # always beats them, even one whose score is -inf.
+    score2 = torch.where(valid, smax.view(b, width), float("-inf"))
+    tie = torch.where(valid, area2 * width + (width - 1 - col), -1)
+    picks: List[Tensor] = []
+    for _ in range(capacity):
+        best = score2.amax(1, True)
+        pick = torch.where(score2 == best, tie, -1).argmax(1, keepdim=True)
+        picks.append(pick)
+        score2.scatter_(1, pick, float("-inf"))
+        tie.scatter_(1, pick, -1)
+    top = torch.cat(picks, 1)
+    num_regions = valid.sum(1).clamp(max=capacity)
+    rank = torch.arange(capacity, device=device).unsqueeze(0)
+    used = rank < num_regions.unsqueeze(1)
+    zero = torch.zeros_like(top)
+
+    def take(table: Tensor) -> Tensor:
+        t = table.view(b, width).gather(1, top)
+        return torch.where(used, t, torch.zeros_like(t))
+
+    t_area = take(area)
+    boxes = torch.stack([take(x1), take(y1), take(x2), take(y2)], 2)
+    denom = t_area.to(torch.float64).clamp(min=1)
+    centroid = torch.stack(
+        [take(sum_x).to(torch.float64) / denom, take(sum_y).to(torch.float64) / denom], 2
+    )
+    score_max = take(smax).to(torch.float32)
+    score_mean = (take(ssum) / denom).to(torch.float32)
+    label = torch.where(used, top, zero)
+    # The mask keeps the selected labels only.
+    keep = torch.zeros(b, width, dtype=torch.bool, device=device).scatter(1, top, used)
+    kept = keep.gather(1, lab)
+    labels_kept = torch.where(kept, lab, torch.zeros_like(lab)).to(labels.dtype).view(labels.shape)
+    return (
+        labels_kept,
+        num_regions,
+        boxes,
+        t_area,
+        label,
+        centroid.to(torch.float32),
+        score_max,
+        score_mean,
+    )

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchdefects._check import _as_bhw, _check_bool_mask
-from torchdefects._runs import _flat_nonzero, _set_runs
-from torchdefects.components import _connect_runs
+from torchdefects._runs import _paint
+from torchdefects.components import _components
 
 __all__ = ["closing", "dilation", "erosion", "fill_holes", "opening"]
 
@@ -53,8 +53,12 @@ def _window_pass(x: Tensor, ksize: int, dim: int, is_dilation: bool) -> Tensor:
 
 
 def _square(x: Tensor, ksize: int, is_dilation: bool) -> Tensor:
-    if ksize <= 1 or x.numel() == 0:
+    if ksize <= 1 or x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return x.clone()
+    # A window wider than twice the image covers the whole image from every pixel (the
+    # outside is ignored), so every larger square gives the same result: clamp, and a
+    # huge ksize costs no more than this one.
+    ksize = min(ksize, 2 * max(x.shape[1], x.shape[2]) + 1)
     return _window_pass(_window_pass(x, ksize, -1, is_dilation), ksize, -2, is_dilation)
 
 
@@ -153,7 +157,8 @@ def fill_holes(mask: Tensor) -> Tensor:
     Equals ``scipy.ndimage.binary_fill_holes`` per image. Batched: the background runs are
     joined into 4-connected components as in :func:`~torchdefects.connected_components`
     (without numbering them); components with a run on the image border stay background,
-    the runs of every other one are painted as foreground.
+    the runs of every other one are painted as foreground. No host synchronization beyond
+    listing the runs and the rounds of union-find.
 
     Args:
         mask: bool :math:`(B, 1, H, W)` or :math:`(B, H, W)`.
@@ -167,40 +172,17 @@ def fill_holes(mask: Tensor) -> Tensor:
         >>> fill_holes(m).all().item()
         True
     """
-    return _fill_holes(mask, by_table=mask.is_cuda)
-
-
-def _fill_holes(mask: Tensor, by_table: bool) -> Tensor:
-    """:func:`fill_holes`, painting holes through a run-id map (``by_table``) or per run.
-
-    The map costs a pass over every pixel but no host sync (the GPU way); painting only
-    the hole runs costs two syncs and work that follows the holes (the CPU way).
-    """
     _check_bool_mask(mask, "mask")
     x = _as_bhw(mask, "mask")
-    height, width = x.shape[1], x.shape[2]
-    if x.numel() == 0:
+    b, height, width = x.shape[0], x.shape[1], x.shape[2]
+    if b * height * width == 0:
         return mask.clone()
-    # Holes need no numbering: join the background runs, mark the components with a run
-    # on the border, and paint the runs of the others.
-    runs = _connect_runs(~x, connectivity=4, with_canvas=by_table)
-    on_border = (runs.y == 0) | (runs.y == height - 1) | (runs.start == 0) | (runs.end == width)
-    reaches_border = torch.zeros_like(runs.root).index_put_(
-        (runs.root,), on_border.to(torch.int64), accumulate=True
+    runs, root = _components(~x, 4)
+    y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
+    on_border = (y == 0) | (y == height - 1) | (runs.start == 0) | (runs.end == width)
+    reaches_border = torch.zeros_like(root).scatter_reduce(
+        0, root, on_border.to(torch.int64), reduce="amax"
     )
-    is_hole = reaches_border.index_select(0, runs.root) == 0
-    canvas = runs.canvas
-    if by_table and canvas is not None:
-        # The canvas holds 1-based run ids (0 off the runs): one gather per pixel.
-        table = torch.cat([is_hole.new_zeros(1), is_hole])
-        filled = x | table.index_select(0, canvas).view(x.shape)
-    else:
-        hole = _flat_nonzero(is_hole)
-        filled = _set_runs(
-            x.reshape(-1),
-            runs.row.index_select(0, hole),
-            runs.start.index_select(0, hole),
-            runs.end.index_select(0, hole),
-            width,
-        )
+    is_hole = reaches_border.index_select(0, root) == 0
+    filled = x | _paint(runs, is_hole, width).view(b, height, width)
     return filled.reshape(mask.shape)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects._runs import _flat_nonzero, _row_runs, _run_pixels
+from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _row_runs
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -41,10 +41,33 @@ class Regions(NamedTuple):
     score_mean: Tensor
 
 
-def _segment(values: Tensor, reduce: str, lengths: Tensor) -> Tensor:
-    if values.numel() == 0:
-        return torch.zeros(lengths.shape, dtype=values.dtype, device=values.device)
+def _reduce(values: Tensor, reduce: str, lengths: Tensor, owner: Tensor) -> Tensor:
+    """Sum or max of consecutive segments of ``values`` (``lengths``), in a fixed order.
+
+    While exporting (ONNX has no segment reduction) a scatter into the segments'
+    ``owner``: max is exact in any order; float sums may then differ in their last bits
+    from eager, which rounding the float64 sums to float32 hides but does not exclude.
+    """
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            init = float("-inf") if reduce == "max" else 0.0
+            out = torch.full(lengths.shape, init, dtype=values.dtype, device=values.device)
+            return out.scatter_reduce(0, owner, values, "amax" if reduce == "max" else "sum")
     return torch.segment_reduce(values, reduce, lengths=lengths)
+
+
+def _empty_regions(device: torch.device, score_dtype: torch.dtype) -> Regions:
+    i64 = torch.empty(0, dtype=torch.int64, device=device)
+    f = torch.empty(0, dtype=score_dtype, device=device)
+    return Regions(
+        batch_index=i64,
+        label=i64,
+        area=i64,
+        bbox_xyxy=i64.view(0, 4),
+        centroid_xy=torch.empty((0, 2), dtype=torch.float64, device=device),
+        score_max=f,
+        score_mean=f,
+    )
 
 
 def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] = None) -> Regions:
@@ -53,15 +76,22 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     Args:
         labels: :math:`(B, H, W)` or :math:`(B, 1, H, W)` integer labels, 0 for
             background and ``1..counts[b]`` for the regions of image ``b``, each
-            present (as :func:`~torchdefects.connected_components` returns them).
+            present and connected along rows (as
+            :func:`~torchdefects.connected_components` returns them).
         counts: int :math:`(B,)`, regions per image.
         anomaly_map: optional :math:`(B, H, W)` or :math:`(B, 1, H, W)` float map
-            for ``score_max`` / ``score_mean``; NaN pixels propagate.
+            for ``score_max`` / ``score_mean``; NaN pixels are ignored.
 
     Returns:
         :class:`Regions` ordered by ``(batch_index, label)``. Area, bbox and centroid
         equal ``cv2.connectedComponentsWithStats``; scores equal
-        ``scipy.ndimage.maximum`` / ``mean`` per label.
+        ``scipy.ndimage.maximum`` / ``mean`` per label over the pixels that are not
+        NaN. A score is never NaN when a map is given: a region whose pixels are all
+        NaN scores ``-inf``. Without a map both scores are NaN.
+
+    Note:
+        Two host synchronizations: listing the runs, and reading the number of
+        regions and of their pixels (one small read).
 
     Example:
         >>> mask = torch.tensor([[[1, 1, 0], [0, 0, 0], [0, 1, 1]]])
@@ -73,6 +103,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
     if counts.dim() != 1 or counts.shape[0] != b:
         raise ValueError(f"counts must have shape ({b},) to match labels, got {list(counts.shape)}")
+    score_dtype = torch.float32
     if anomaly_map is not None:
         amap = _as_bhw(anomaly_map, "anomaly_map")
         if amap.shape != lab.shape:
@@ -80,71 +111,108 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
                 f"anomaly_map must have the shape of labels {list(lab.shape)}, "
                 f"got {list(amap.shape)}"
             )
+        if amap.dtype == torch.float64:
+            score_dtype = torch.float64
     device = lab.device
+    if b * h * w == 0:
+        return _empty_regions(device, score_dtype)
     counts = counts.to(torch.int64)
-    num_regions = int(counts.sum())
     first_of_image = torch.cumsum(counts, 0) - counts
 
-    row, start, end = _row_runs((lab != 0).reshape(b * h, w))
+    runs = _row_runs((lab != 0).reshape(b * h, w), with_count=False)
+    row, start, end = runs.row, runs.start, runs.end
     length = end - start
     image = torch.div(row, h, rounding_mode="floor")
     y = row - image * h
-    run_label = lab.reshape(-1).index_select(0, row * w + start).to(torch.int64)
-    if row.shape[0] > 0 and bool((run_label > counts.index_select(0, image)).any()):
-        raise ValueError("labels hold a label larger than counts for its image")
+    first = row * w + start
+    run_label = lab.reshape(-1).index_select(0, first).to(torch.int64)
+    # One small read gives the sizes below: the number of regions and of their pixels,
+    # or -1 when a label exceeds its image's count.
+    numel = b * h * w
+    bad = (run_label > counts.index_select(0, image)).any()
+    num_regions, num_pixels, traced = 0, 0, False
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            # Data-dependent sizes for torch.export (unbacked): two reads, no label check.
+            num_regions = counts.sum().item()
+            num_pixels = length.sum().item()
+            torch._check(num_regions >= 0)
+            torch._check(num_pixels >= 0)
+            traced = True
+    if not traced:
+        packed = torch.where(bad, -1, counts.sum() * (numel + 1) + length.sum())
+        sizes = int(packed)
+        if sizes < 0:
+            raise ValueError("labels hold a label larger than counts for its image")
+        num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
+        if num_regions == 0:
+            return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
-    i64 = torch.int64
-    area = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, length)
-    x1 = torch.full((num_regions,), w, dtype=i64, device=device)
-    x2 = torch.full((num_regions,), -1, dtype=i64, device=device)
-    y1 = torch.full((num_regions,), h, dtype=i64, device=device)
-    y2 = torch.full((num_regions,), -1, dtype=i64, device=device)
-    x1.scatter_reduce_(0, region, start, reduce="amin")
-    x2.scatter_reduce_(0, region, end - 1, reduce="amax")
-    y1.scatter_reduce_(0, region, y, reduce="amin")
-    y2.scatter_reduce_(0, region, y, reduce="amax")
-    # Sums of pixel coordinates are exact integers: a run adds start + ... + end - 1.
-    sum_x = torch.zeros(num_regions, dtype=i64, device=device)
-    sum_x.index_add_(0, region, torch.div((start + end - 1) * length, 2, rounding_mode="floor"))
-    sum_y = torch.zeros(num_regions, dtype=i64, device=device).index_add_(0, region, y * length)
-    denom = area.to(torch.float64)
-    centroid = torch.stack([sum_x.to(torch.float64) / denom, sum_y.to(torch.float64) / denom], 1)
-
-    batch_index = torch.repeat_interleave(
-        torch.arange(b, device=device), counts, output_size=num_regions
-    )
-    label = torch.arange(num_regions, device=device) - first_of_image.index_select(0, batch_index)
-
-    score_dtype = torch.float32
-    if anomaly_map is not None and anomaly_map.dtype == torch.float64:
-        score_dtype = torch.float64
-    if anomaly_map is None:
-        nan = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
-        score_max, score_mean = nan, nan.clone()
-    else:
-        flat = _as_bhw(anomaly_map, "anomaly_map").reshape(-1)
-        px = _run_pixels(row, start, end, w, b * h * w)
-        if px.sparse:
-            values = flat.index_select(0, px.pos)
+    # Scores per run: the map over every run pixel, run after run in raster order.
+    valid = length
+    run_max = torch.empty(0, dtype=score_dtype, device=device)
+    run_sum = torch.empty(0, dtype=torch.float64, device=device)
+    if anomaly_map is not None:
+        run = torch.empty(0, dtype=torch.int64, device=device)  # only while exporting
+        if _eager_cpu(lab):
+            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
+            pos = _flat_nonzero(lab.reshape(-1) != 0)
         else:
-            values = flat.index_select(0, _flat_nonzero(lab.reshape(-1) != 0))
-        values = values.to(score_dtype)
-        run_max = _segment(values, "max", length)
-        run_sum = _segment(values.to(torch.float64), "sum", length)
-        # Runs of a region, in raster order, reduced in that order.
-        order = torch.sort(region, stable=True).indices
-        runs_per_region = torch.zeros(num_regions, dtype=i64, device=device)
-        runs_per_region.index_add_(0, region, torch.ones_like(region))
-        score_max = _segment(run_max.index_select(0, order), "max", runs_per_region)
-        total = _segment(run_sum.index_select(0, order), "sum", runs_per_region)
-        score_mean = (total / denom).to(score_dtype)
+            stop = torch.cumsum(length, 0)
+            run = _owner(stop, num_pixels)
+            shift = first - stop + length
+            pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
+        values = anomaly_map.reshape(-1).index_select(0, pos).to(score_dtype)
+        nan = torch.isnan(values)
+        run_max = _reduce(values.masked_fill(nan, float("-inf")), "max", length, run)
+        run_sum = _reduce(values.to(torch.float64).masked_fill(nan, 0.0), "sum", length, run)
+        # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
+        valid = _reduce((~nan).to(torch.float32), "sum", length, run).to(torch.int64)
+
+    # Integer statistics, exact: per run, then per region by scatter.
+    where2 = region.unsqueeze(1).expand(-1, 2)
+    where5 = region.unsqueeze(1).expand(-1, 5)
+    # A run adds start + ... + end - 1 to the sum of x.
+    sum_x = torch.div((start + end - 1) * length, 2, rounding_mode="floor")
+    per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length), valid], 1)
+    sums = torch.zeros((num_regions, 5), dtype=torch.int64, device=device)
+    sums = sums.scatter_add(0, where5, per_run)
+    empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
+    low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
+    last = torch.stack([end - 1, y], 1)
+    high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
+    area = sums[:, 0]
+    centroid = sums[:, 1:3].to(torch.float64) / sums[:, :1].to(torch.float64)
+
+    batch_index = _owner(torch.cumsum(counts, 0), num_regions)
+    label = torch.arange(1, num_regions + 1, device=device) - first_of_image.index_select(
+        0, batch_index
+    )
+
+    if anomaly_map is None:
+        nan_scores = torch.full((num_regions,), float("nan"), dtype=score_dtype, device=device)
+        score_max, score_mean = nan_scores, nan_scores.clone()
+    else:
+        score_max = torch.full((num_regions,), float("-inf"), dtype=score_dtype, device=device)
+        score_max = score_max.scatter_reduce(0, region, run_max, "amax")
+        # Float sums depend on their order: the runs of a region are summed in raster
+        # order, the same on every call, device and batch position.
+        if _exporting():
+            # A scatter needs no order (and ONNX has no stable sort).
+            total = _reduce(run_sum, "sum", sums[:, 3], region)
+        else:
+            order = torch.sort(region, stable=True).indices
+            total = torch.segment_reduce(run_sum.index_select(0, order), "sum", lengths=sums[:, 3])
+        count = sums[:, 4]
+        mean = total / count.to(torch.float64)
+        score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
 
     return Regions(
         batch_index=batch_index,
-        label=label + 1,
+        label=label,
         area=area,
-        bbox_xyxy=torch.stack([x1, y1, x2, y2], 1),
+        bbox_xyxy=torch.cat([low, high], 1),
         centroid_xy=centroid,
         score_max=score_max,
         score_mean=score_mean,
@@ -195,35 +263,36 @@ def select_regions(
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = regions.area.device
     total = regions.area.shape[0]
-
-    keep = _flat_nonzero(regions.area >= min_area)
-    out = _take(regions, keep)
+    drop = regions.area < min_area
     # Lexicographic sort by successive stable sorts, least significant key first; the
-    # input is ordered by (batch_index, label) already.
-    order = torch.sort(out.area, descending=True, stable=True).indices
-    score = out.score_max.index_select(0, order)
+    # input is ordered by (batch_index, label) already. Dropped regions go last in
+    # their image, so the first max_regions of each image are the kept ones.
+    order = torch.sort(regions.area, descending=True, stable=True).indices
+    score = regions.score_max.index_select(0, order)
     order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    batch = out.batch_index.index_select(0, order)
-    order = order.index_select(0, torch.sort(batch, stable=True).indices)
-    out = _take(out, order)
-
-    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
-    num_regions.index_add_(0, out.batch_index, torch.ones_like(out.batch_index))
+    group = (regions.batch_index * 2 + drop.to(torch.int64)).index_select(0, order)
+    order = order.index_select(0, torch.sort(group, stable=True).indices)
+    batch = regions.batch_index.index_select(0, order)
+    # Rank of each region in its image: its position minus that of the image's first.
+    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
+    chosen = ~drop.index_select(0, order)
     if max_regions is not None:
-        first_kept = torch.cumsum(num_regions, 0) - num_regions
-        rank = torch.arange(out.area.shape[0], device=device)
-        rank = rank - first_kept.index_select(0, out.batch_index)
-        out = _take(out, _flat_nonzero(rank < max_regions))
-        num_regions = num_regions.clamp(max=max_regions)
+        chosen = chosen & (rank < max_regions)
+    out = _take(regions, order.index_select(0, _flat_nonzero(chosen)))
+    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
+    num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
 
-    if out.area.shape[0] == total:
+    # Nothing dropped: the labels stand (a shortcut that export, with unknown sizes, skips).
+    if not _exporting() and out.area.shape[0] == total:
         return labels, out, num_regions
-    # Relabel through a per-image table: entry (b, l) is l if region l of image b is kept.
+    # Relabel through a table over every (image, label) pair: entry b * (H * W + 1) + l
+    # is l if region l of image b is kept, else 0.
     lab = _as_bhw(labels, "labels")
-    b = lab.shape[0]
-    width = int(regions.label.max()) + 1 if total > 0 else 1
+    b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
+    width = h * w + 1
+    key_dtype = lab.dtype if num_images * width < 2**31 else torch.int64
     table = torch.zeros(num_images * width, dtype=lab.dtype, device=device)
-    table.index_copy_(0, out.batch_index * width + out.label, out.label.to(lab.dtype))
-    base = (torch.arange(b, device=device) * width).to(lab.dtype).view(b, 1, 1)
-    kept = table.index_select(0, (lab + base).reshape(-1)).view(labels.shape)
+    table = table.index_put((out.batch_index * width + out.label,), out.label.to(lab.dtype))
+    base = (torch.arange(b, device=device) * width).to(key_dtype).view(b, 1, 1)
+    kept = table.index_select(0, (lab.to(key_dtype) + base).reshape(-1)).view(labels.shape)
     return kept, out, num_regions

@@ -5,7 +5,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from torchdefects._check import _as_b1hw, _check_float_map, check_roi
+from torchdefects._check import (
+    _as_b1hw,
+    _check_finite_values,
+    _check_float_map,
+    _check_tensor,
+    check_roi,
+)
 
 __all__ = ["roi_bounds", "roi_mask", "roi_stats", "roi_tensor"]
 
@@ -83,6 +89,15 @@ def roi_mask(roi: Tensor, height: int, width: int) -> Tensor:
         tensor([[1, 1, 0, 0],
                 [1, 1, 0, 0]], dtype=torch.int32)
     """
+    if not torch.jit.is_scripting():
+        _check_roi_tensor(roi)
+        _check_size(height, "height")
+        _check_size(width, "width")
+    return _roi_mask(roi, height, width)
+
+
+def _roi_mask(roi: Tensor, height: int, width: int) -> Tensor:
+    """:func:`roi_mask` without the eager argument checks (the head's ROI is validated once)."""
     if height < 0 or width < 0:
         raise ValueError(f"height and width must be >= 0, got {height} and {width}")
     col_start, col_stop, row_start, row_stop = roi_bounds(roi, height, width)
@@ -91,6 +106,23 @@ def roi_mask(roi: Tensor, height: int, width: int) -> Tensor:
     inside_cols = (cols >= col_start) & (cols < col_stop)
     inside_rows = (rows >= row_start) & (rows < row_stop)
     return inside_rows.unsqueeze(1) & inside_cols.unsqueeze(0)
+
+
+def _masked_stats(values: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor]:
+    """Max and mean of each row of ``values`` (B, N) over its ``valid`` (B, N) entries.
+
+    float32 results; the sum is accumulated in float64 (CPU and CUDA reduce in different
+    orders, float32 sums would differ in their last bits); NaN where a row has no valid entry.
+    """
+    count = valid.sum(1)
+    if values.shape[1] == 0:
+        # amax needs a non-empty reduced dimension.
+        nan = torch.full((values.shape[0],), float("nan"), device=values.device)
+        return nan, nan.clone()
+    maximum = torch.where(valid, values, float("-inf")).amax(1)
+    total = torch.where(valid, values, 0.0).sum(1, dtype=torch.float64)
+    maximum = maximum.to(torch.float32).masked_fill(count == 0, float("nan"))
+    return maximum, (total / count).to(torch.float32)
 
 
 def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
@@ -107,29 +139,40 @@ def roi_stats(anomaly_map: Tensor, roi: Optional[Tensor] = None) -> Tuple[Tensor
     Returns:
         ``(roi_max, roi_mean)``, two float32 tensors of shape :math:`(B,)`.
 
+    Raises:
+        TypeError: ``anomaly_map`` is not a float tensor, ``roi`` not a float tensor.
+        ValueError: bad shapes; a ROI that is not finite (eager).
+
     Example:
         >>> m = torch.tensor([[[1.0, float("nan")], [3.0, 8.0]]])
         >>> roi_stats(m, torch.tensor([0.0, 0.0, 0.5, 1.0]))
         (tensor([3.]), tensor([2.]))
     """
+    if not torch.jit.is_scripting():
+        _check_tensor(anomaly_map, "anomaly_map")
+        _check_roi_tensor(roi)
     _check_float_map(anomaly_map, "anomaly_map")
     x = _as_b1hw(anomaly_map, "anomaly_map")
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-    x = x.double() if x.dtype == torch.float64 else x.float()
+    if x.dtype != torch.float64 and x.dtype != torch.float32:
+        x = x.float()
     x = x.reshape(batch, height * width)
-    valid = ~torch.isnan(x)
+    valid = x == x  # not NaN
     if roi is not None:
-        valid = valid & roi_mask(roi.to(x.device), height, width).reshape(1, height * width)
-    count = valid.sum(1)
-    lowest = torch.full((batch, 1), float("-inf"), dtype=x.dtype, device=x.device)
-    candidates = torch.where(valid, x, lowest)
-    if height * width == 0:
-        # amax needs a non-empty reduced dimension.
-        candidates = lowest
-    maximum = candidates.amax(1)
-    maximum = torch.where(count > 0, maximum, torch.full_like(maximum, float("nan")))
-    # Sums in float64, rounded once to float32 below: CPU and CUDA reduce in different
-    # orders, and float32 sums would then differ in their last bits between devices.
-    total = torch.where(valid, x, torch.zeros_like(x)).sum(1, dtype=torch.float64)
-    mean = total / count
-    return maximum.float(), mean.float()
+        valid = valid & _roi_mask(roi.to(x.device), height, width).reshape(1, height * width)
+    return _masked_stats(x, valid)
+
+
+def _check_size(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_roi_tensor(roi: Optional[Tensor]) -> None:
+    """Eager checks of a ROI tensor argument (type, finiteness; shape is checked later)."""
+    if roi is None:
+        return
+    _check_tensor(roi, "roi")
+    if not roi.is_floating_point():
+        raise TypeError(f"roi must be a floating tensor, got {str(roi.dtype)}")
+    _check_finite_values(roi, "roi")
