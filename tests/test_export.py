@@ -186,9 +186,9 @@ def test_attach_exceptions(images):
         attach(TupleDetector(), head)(images)
     with pytest.raises(TypeError, match="detector returned Tensor, not a tuple or list"):
         attach(ConvDetector(), head, output=0)(images)
-    with pytest.raises(TypeError, match="detector returned Tensor, not a dict"):
+    with pytest.raises(TypeError, match="detector returned a tensor, not a dict"):
         attach(ConvDetector(), head, output="map")(images)
-    with pytest.raises(KeyError, match="detector output has no key 'map'"):
+    with pytest.raises(KeyError, match="has no field 'map'"):
         attach(DictDetector(), head, output="map")(images)
     with pytest.raises(TypeError, match=r"output must be None, an int or a str, got 1\.5"):
         attach(ConvDetector(), head, output=1.5)
@@ -427,7 +427,7 @@ def test_pt2_matches_eager_and_loads_without_torchdefects(tmp_path):
     export_pt2(head, path, threshold_input=True)
     module, meta = load_pt2(path)
     assert meta["config"] == cfg.to_dict() and meta["provenance"] == {"source": "config"}
-    assert meta["meta"]["inputs"] == ["inputs", "pixel_threshold"]
+    assert meta["meta"]["inputs"] == ["anomaly_map", "pixel_threshold"]
     maps = oracle_maps()
     thr = torch.tensor([0.55, 0.6, 0.5, 0.6, 0.9])
     want = head(maps, thr)
@@ -533,6 +533,6 @@ def test_export_from_config_pt2_with_pt2_detector(tmp_path, images):
     )
     assert "detector + DefectHead (pt2" in line
     module, meta = load_pt2(tmp_path / "model.pt2")
-    assert meta["meta"]["inputs"] == ["inputs"]
+    assert meta["meta"]["inputs"] == ["images"]
     want = DefectHead(DefectsConfig(**CFG), static_output=True)(detector(images[:2])[1])
     assert_static_equal(module(images[:2]), want)

@@ -159,6 +159,9 @@ class _AttachedIndex(nn.Module):
     def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Any:
         out = self.detector(images)
         if torch.jit.is_scripting():
+            if isinstance(out, Tensor):
+                # Indexing a tensor would silently take image 0 of the batch.
+                raise TypeError("detector returned a tensor: attach it with output=None")
             score: Optional[Tensor] = None
             if self.has_score:
                 score = out[self.score_index].reshape(-1)

@@ -370,53 +370,68 @@ def _add_export(sub: Any) -> None:
     p = _command(
         sub,
         "export",
-        "write the scripted head (or detector + head) with its config embedded",
+        "write the head (or detector + head) with its config: TorchScript, .pt2 or ONNX",
         (
-            "Script DefectHead for the config (and category), optionally behind a TorchScript "
-            "detector, and save it with the config and threshold provenance embedded; "
-            "torch.jit.load reads it without torchdefects."
+            "Export DefectHead for the config (and category), optionally behind a detector, "
+            "with the config and threshold provenance embedded: TorchScript (torch.jit.load), "
+            "torch.export .pt2 (torch.export.load) or ONNX (onnxruntime, TensorRT, OpenVINO); "
+            "none needs torchdefects to load. See docs/deployment.md."
         ),
     )
     p.add_argument("--config", required=True, metavar="FILE", help="config file (JSON)")
     p.add_argument("--category", metavar="NAME", help="category of the config to use")
-    p.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector to put in front")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("torchscript", "pt2", "onnx"),
+        help="default: from OUT's extension (.onnx ONNX, .pt2 torch.export, else TorchScript)",
+    )
+    p.add_argument(
+        "--detector",
+        metavar="MODEL",
+        help="detector put in front: TorchScript (.pt, torchscript format), a torch.export "
+        "program (.pt2) or an ONNX file (.onnx, joined onto: onnx format)",
+    )
     p.add_argument(
         "--map-output",
         type=_int_or_key,
         metavar="INDEX_OR_KEY",
-        help="the map among the detector's outputs (tuple index or dict key)",
+        help="the map among the detector's outputs (tuple index, dict key or output name)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUT.pt", help="file to write")
+    p.add_argument(
+        "--threshold-input",
+        action="store_true",
+        help="pt2/onnx: take pixel_threshold (B,) as an input",
+    )
+    p.add_argument(
+        "--example-shape",
+        type=int,
+        nargs=4,
+        metavar=("B", "C", "H", "W"),
+        help="the detector's input shape to trace with (a .pt2 detector has its own)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write")
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from torchdefects.config import ConfigError, load_config
-    from torchdefects.export import attach, save_scripted
-    from torchdefects.head import DefectHead
+    from torchdefects.config import ConfigError
+    from torchdefects.export import export_from_config
 
     try:
-        cfg = load_config(args.config, getattr(args, "category", None))
-    except (ConfigError, OSError) as e:
+        line = export_from_config(
+            args.config,
+            args.output,
+            getattr(args, "fmt", None),
+            category=getattr(args, "category", None),
+            detector=getattr(args, "detector", None),
+            map_output=getattr(args, "map_output", None),
+            threshold_input=getattr(args, "threshold_input", False),
+            example_shape=getattr(args, "example_shape", None),
+        )
+    except (ConfigError, OSError, ValueError) as e:
         raise UsageError(str(e)) from e
-    module: Any = DefectHead(cfg)
-    what = "DefectHead"
-    if hasattr(args, "detector"):
-        try:
-            detector = torch.jit.load(args.detector, map_location="cpu")
-        except Exception as e:
-            raise UsageError(f"--detector {args.detector}: cannot load TorchScript: {e}") from e
-        module = attach(detector, module, output=getattr(args, "map_output", None))
-        what = "detector + DefectHead"
-    elif hasattr(args, "map_output"):
-        raise UsageError("--map-output needs --detector")
-    save_scripted(module, args.output, config=cfg, provenance=cfg.pixel_threshold_provenance)
-    print(
-        f"torchdefects export: {what} (pixel_threshold={cfg.pixel_threshold}) -> {args.output}",
-        file=sys.stderr,
-    )
+    print(f"torchdefects export: {line}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -22,13 +22,14 @@ is not installed: TorchScript extra files (``torch.jit.load(path, _extra_files=.
 
 import json
 import os
-from typing import Any, Dict, Final, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from torchdefects.attach import _pick_map, _pick_score, attach
 from torchdefects.config import DefectsConfig, _check_provenance
-from torchdefects.head import DefectHead, Defects, StaticDefectHead, StaticDefects
+from torchdefects.head import DefectHead, StaticDefectHead, StaticDefects
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -162,112 +163,6 @@ def load_scripted(
     return module, metadata
 
 
-class _AttachedTensor(nn.Module):
-    """Detector returning the map itself, then the head."""
-
-    def __init__(self, detector: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-        self.head = head
-
-    def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Defects:
-        out = self.detector(images)
-        if not torch.jit.is_scripting() and not isinstance(out, Tensor):
-            raise TypeError(
-                f"detector returned {type(out).__name__}, not a tensor: "
-                "pass output=<index> or output=<key> to attach"
-            )
-        return self.head(out, pixel_threshold)
-
-
-class _AttachedIndex(nn.Module):
-    """Detector returning a tuple or list, the map at ``index``, then the head."""
-
-    index: Final[int]
-
-    def __init__(self, detector: nn.Module, head: nn.Module, index: int) -> None:
-        super().__init__()
-        self.detector = detector
-        self.head = head
-        self.index = index
-
-    def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Defects:
-        out = self.detector(images)
-        if not torch.jit.is_scripting() and not isinstance(out, (tuple, list)):
-            raise TypeError(
-                f"detector returned {type(out).__name__}, not a tuple or list: "
-                f"output={self.index} needs a sequence"
-            )
-        if isinstance(out, Tensor):
-            # Scripted: indexing a tensor would silently take image 0 of the batch.
-            raise TypeError("detector returned a tensor: attach it with output=None")
-        return self.head(out[self.index], pixel_threshold)
-
-
-class _AttachedKey(nn.Module):
-    """Detector returning a dict, the map under ``key``, then the head."""
-
-    key: Final[str]
-
-    def __init__(self, detector: nn.Module, head: nn.Module, key: str) -> None:
-        super().__init__()
-        self.detector = detector
-        self.head = head
-        self.key = key
-
-    def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Defects:
-        out = self.detector(images)
-        if not torch.jit.is_scripting():
-            if not isinstance(out, dict):
-                raise TypeError(
-                    f"detector returned {type(out).__name__}, not a dict: "
-                    f"output='{self.key}' needs a dict"
-                )
-            if self.key not in out:
-                keys = ", ".join(sorted(out))
-                raise KeyError(f"detector output has no key '{self.key}'; keys: {keys}")
-        return self.head(out[self.key], pixel_threshold)
-
-
-def attach(detector: nn.Module, head: nn.Module, output: Union[int, str, None] = None) -> nn.Module:
-    """One module: ``detector`` then ``head`` on the anomaly map it returns.
-
-    The result's ``forward(images, pixel_threshold=None)`` returns :class:`~torchdefects.Defects`;
-    it scripts with :func:`torch.jit.script` and saves with :func:`save_scripted`.
-
-    Args:
-        detector: an ``nn.Module`` (eager or scripted) mapping images to an anomaly map, a
-            tuple/list holding it, or a ``Dict[str, Tensor]`` holding it.
-        head: a :class:`~torchdefects.DefectHead` (eager or scripted).
-        output: ``None`` when the detector returns the map itself, an ``int`` index into a
-            tuple/list output, or a ``str`` key into a dict output.
-
-    Returns:
-        an ``nn.Module`` with submodules ``detector`` and ``head``.
-
-    Raises:
-        TypeError: a bad argument type; at call time, a detector output that does not match
-            ``output``.
-
-    Example:
-        >>> detector = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.Sigmoid())
-        >>> model = attach(detector, DefectHead(DefectsConfig(pixel_threshold=0.5)))
-        >>> model(torch.rand(2, 3, 16, 16)).mask.shape
-        torch.Size([2, 1, 16, 16])
-    """
-    if not isinstance(detector, nn.Module):
-        raise TypeError(f"detector must be an nn.Module, got {type(detector).__name__}")
-    if not isinstance(head, nn.Module):
-        raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
-    if output is None:
-        return _AttachedTensor(detector, head)
-    if isinstance(output, bool) or not isinstance(output, (int, str)):
-        raise TypeError(f"output must be None, an int or a str, got {output!r}")
-    if isinstance(output, int):
-        return _AttachedIndex(detector, head, output)
-    return _AttachedKey(detector, head, output)
-
-
 # ----------------------------------------------------------------------------
 # torch.export (.pt2) and ONNX: the static head, outputs by name
 # ----------------------------------------------------------------------------
@@ -276,17 +171,14 @@ def attach(detector: nn.Module, head: nn.Module, output: Union[int, str, None] =
 EXPORT_FORMATS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 
 
-def _select_output(out: Any, output: Union[int, str, None]) -> Tensor:
-    if output is None:
-        return out
-    return out[output]
-
-
 class _ExportModule(nn.Module):
     """[detector then] static head, returning the :class:`StaticDefects` fields as a dict.
 
     A dict, not the NamedTuple: loading a program that returns a torchdefects type would need
-    torchdefects installed. ``mask_uint8`` gives ``mask`` as uint8 0/1 (ONNX, TensorRT).
+    torchdefects installed. ``mask_uint8`` gives ``mask`` as uint8 0/1 (ONNX, TensorRT). The
+    detector's map and image score are picked as :func:`~torchdefects.attach` picks them.
+    Inputs after the first, in order: ``pixel_threshold`` (with ``threshold_input``), then
+    ``image_score`` (with ``score_input``, head alone).
     """
 
     def __init__(
@@ -295,20 +187,32 @@ class _ExportModule(nn.Module):
         detector: Optional[nn.Module],
         output: Union[int, str, None],
         mask_uint8: bool,
+        score_output: Union[int, str, bool, None] = None,
+        threshold_input: bool = False,
+        score_input: bool = False,
     ) -> None:
         super().__init__()
         self.head = head
         self.detector = detector
         self.output = output
+        self.score_output = score_output
         self.mask_uint8 = mask_uint8
+        self.threshold_input = threshold_input
+        self.score_input = score_input
 
     def forward(
-        self, inputs: Tensor, pixel_threshold: Optional[Tensor] = None
+        self, inputs: Tensor, second: Optional[Tensor] = None, third: Optional[Tensor] = None
     ) -> Dict[str, Tensor]:
+        pixel_threshold = second if self.threshold_input else None
+        image_score = (third if self.threshold_input else second) if self.score_input else None
         anomaly_map = inputs
         if self.detector is not None:
-            anomaly_map = _select_output(self.detector(inputs), self.output)
-        out = self.head(anomaly_map, pixel_threshold)
+            out = self.detector(inputs)
+            anomaly_map = _pick_map(out, self.output)
+            if self.score_output is not False:
+                sel = None if self.score_output is None else self.score_output
+                image_score = _pick_score(out, sel, auto=self.score_output is None)
+        out = self.head(anomaly_map, pixel_threshold, image_score)
         fields = out._asdict()
         if self.mask_uint8:
             fields["mask"] = fields["mask"].to(torch.uint8)
@@ -339,14 +243,11 @@ def _static_head(head: Union[nn.Module, DefectsConfig]) -> StaticDefectHead:
     return static
 
 
-def _dynamic_shapes(threshold_input: bool, detector: bool) -> Dict[str, Any]:
+def _dynamic_shapes(names: List[str], detector: bool) -> Tuple[Any, ...]:
     """Batch, height and width dynamic; behind a detector, as dynamic as the detector allows
     (``Dim.AUTO``: a detector exported with static shapes keeps them)."""
     dyn = torch.export.Dim.AUTO if detector else torch.export.Dim.DYNAMIC
-    shapes: Dict[str, Any] = {"inputs": {0: dyn, 2: dyn, 3: dyn}}
-    if threshold_input:
-        shapes["pixel_threshold"] = {0: dyn}
-    return shapes
+    return tuple({0: dyn, 2: dyn, 3: dyn} if i == 0 else {0: dyn} for i in range(len(names)))
 
 
 def _prepare_export(
@@ -356,8 +257,12 @@ def _prepare_export(
     output: Union[int, str, None],
     threshold_input: bool,
     mask_uint8: bool,
-) -> Tuple[_ExportModule, Tuple[Tensor, ...], StaticDefectHead]:
+    score_output: Union[int, str, bool, None] = None,
+    score_input: bool = False,
+) -> Tuple[_ExportModule, Tuple[Tensor, ...], List[str], StaticDefectHead]:
     static = _static_head(head)
+    if score_input and detector is not None:
+        raise ValueError("image_score_input is for a head alone: a detector gives its own score")
     if detector is not None and not isinstance(detector, nn.Module):
         raise TypeError(f"detector must be an nn.Module or None, got {type(detector).__name__}")
     if isinstance(detector, torch.jit.ScriptModule):
@@ -391,12 +296,19 @@ def _prepare_export(
             f"example must have batch, height and width >= 2, got {list(example.shape)}"
         )
     args: Tuple[Tensor, ...] = (example,)
+    names = ["images" if detector is not None else "anomaly_map"]
     if threshold_input:
         thr = static.threshold if static.has_threshold else torch.tensor(0.5)
-        args = (example, thr.to(torch.float32).expand(example.shape[0]).contiguous())
+        args += (thr.to(torch.float32).expand(example.shape[0]).contiguous(),)
+        names.append("pixel_threshold")
+    if score_input:
+        args += (torch.rand(example.shape[0], device=example.device),)
+        names.append("image_score")
     # No .eval(): a loaded program's module refuses train(); the caller sets the detector's mode.
-    module = _ExportModule(static, detector, output, mask_uint8)
-    return module, args, static
+    module = _ExportModule(
+        static, detector, output, mask_uint8, score_output, threshold_input, score_input
+    )
+    return module, args, names, static
 
 
 def export_pt2(
@@ -408,6 +320,8 @@ def export_pt2(
     output: Union[int, str, None] = None,
     threshold_input: bool = False,
     provenance: Optional[Dict[str, Any]] = None,
+    score_output: Union[int, str, bool, None] = None,
+    image_score_input: bool = False,
 ) -> "torch.export.ExportedProgram":
     """Export ``[detector then] head`` with ``torch.export`` and save it as a ``.pt2`` file.
 
@@ -428,6 +342,10 @@ def export_pt2(
         output: with a detector, the map's index (tuple/list output) or key (dict output).
         threshold_input: take ``pixel_threshold`` :math:`(B,)` as a second input.
         provenance: as in :func:`save_scripted`.
+        score_output: with a detector, where its image score is, as in
+            :func:`~torchdefects.attach` (default: anomalib's ``pred_score`` when present).
+        image_score_input: head alone: take ``image_score`` :math:`(B,)` as the last input
+            (a detector's score, as :func:`torchdefects.onnx_detector.join_onnx` feeds it).
 
     Returns:
         the :class:`torch.export.ExportedProgram` that was saved.
@@ -439,18 +357,13 @@ def export_pt2(
         >>> program(torch.rand(3, 1, 40, 50))["boxes"].shape  # doctest: +SKIP
         torch.Size([3, 8, 4])
     """
-    module, args, static = _prepare_export(head, example, detector, output, threshold_input, False)
+    module, args, names, static = _prepare_export(
+        head, example, detector, output, threshold_input, False, score_output, image_score_input
+    )
     cfg = static.config.to_dict()
     prov = _provenance(cfg, provenance)
-    names = ["inputs", "pixel_threshold"][: len(args)]
     ep = torch.export.export(
-        module,
-        args,
-        dynamic_shapes={
-            k: v
-            for k, v in _dynamic_shapes(threshold_input, detector is not None).items()
-            if k in names
-        },
+        module, args, dynamic_shapes=_dynamic_shapes(names, detector is not None)
     )
     extra = _extra_files(
         cfg, prov, program="pt2", inputs=names, outputs=list(StaticDefects._fields)
@@ -486,6 +399,8 @@ def export_onnx(
     threshold_input: bool = False,
     provenance: Optional[Dict[str, Any]] = None,
     opset_version: Optional[int] = None,
+    score_output: Union[int, str, bool, None] = None,
+    image_score_input: bool = False,
 ) -> None:
     """Export ``[detector then] head`` to ONNX with the dynamo exporter.
 
@@ -496,7 +411,8 @@ def export_onnx(
     model's ``metadata_props`` under the names of :data:`EXTRA_FILES`.
 
     Args:
-        head, example, detector, output, threshold_input, provenance: as in :func:`export_pt2`.
+        head, example, detector, output, threshold_input, provenance, score_output,
+            image_score_input: as in :func:`export_pt2` (``image_score`` is a graph input).
         path: the file to write (``.onnx``).
         opset_version: ONNX opset; default the exporter's.
 
@@ -509,14 +425,13 @@ def export_onnx(
     """
     import onnx  # the onnx extra
 
-    module, args, static = _prepare_export(head, example, detector, output, threshold_input, True)
+    module, args, input_names, static = _prepare_export(
+        head, example, detector, output, threshold_input, True, score_output, image_score_input
+    )
     cfg = static.config.to_dict()
     prov = _provenance(cfg, provenance)
-    input_names = ["images" if detector is not None else "anomaly_map", "pixel_threshold"]
-    input_names = input_names[: len(args)]
     output_names = list(StaticDefects._fields)
-    shapes = _dynamic_shapes(threshold_input, detector is not None)
-    shapes = {k: v for k, v in shapes.items() if k in ("inputs", "pixel_threshold")[: len(args)]}
+    shapes = _dynamic_shapes(input_names, detector is not None)
     kwargs: Dict[str, Any] = {}
     if opset_version is not None:
         kwargs["opset_version"] = opset_version
@@ -599,6 +514,73 @@ def _detector_example(detector: nn.Module, shape: Optional[Sequence[int]]) -> Op
     return None
 
 
+def _check_map_output(out: Any, map_output: Union[int, str, None]) -> None:
+    """``--map-output`` against what the detector returns, in the words ``run`` uses."""
+    try:
+        _pick_map(out, map_output)
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"--map-output: {e.args[0] if e.args else e}") from e
+
+
+def _check_scripted_output(detector: nn.Module, map_output: Union[int, str, None]) -> None:
+    """A TorchScript detector's declared return type against ``--map-output``."""
+    schema = getattr(getattr(detector, "forward", None), "schema", None)
+    if schema is None or not schema.returns:
+        return
+    kind = str(schema.returns[0].type)
+    if map_output is None and not kind.startswith("Tensor"):
+        raise ValueError(
+            f"--map-output must name the anomaly map: the detector returns {kind} "
+            "(an index for a tuple, a key for a dict)"
+        )
+    if isinstance(map_output, int) and not kind.startswith(("Tuple", "List", "(")):
+        raise ValueError(f"--map-output {map_output}: the detector returns {kind}, not a tuple")
+    if isinstance(map_output, str) and not kind.startswith("Dict"):
+        raise ValueError(f"--map-output {map_output!r}: the detector returns {kind}, not a dict")
+
+
+def _export_onto_onnx(
+    cfg: DefectsConfig,
+    detector: str,
+    output: str,
+    fmt: str,
+    map_output: Union[int, str, None],
+    threshold_input: bool,
+) -> str:
+    """An ONNX detector file: the head exported to ONNX and joined onto its graph."""
+    import tempfile
+
+    import onnx
+
+    from torchdefects.onnx_detector import join_onnx
+
+    if fmt != "onnx":
+        raise ValueError(f"--detector {detector}: an ONNX detector goes only into an ONNX file")
+    if isinstance(map_output, int):
+        raise ValueError("--map-output must name an output of an ONNX detector, not an index")
+    try:
+        outputs = [o.name for o in onnx.load(detector, load_external_data=False).graph.output]
+    except Exception as e:
+        raise ValueError(f"--detector {detector}: cannot read ONNX: {e}") from e
+    with_score = "pred_score" in outputs
+    with tempfile.TemporaryDirectory() as tmp:
+        head_path = os.path.join(tmp, "head.onnx")
+        export_onnx(
+            cfg,
+            head_path,
+            threshold_input=threshold_input,
+            provenance=cfg.pixel_threshold_provenance,
+            image_score_input=with_score,
+        )
+        joined = join_onnx(detector, head_path, map_output=map_output)
+    onnx.save(joined, output)
+    return (
+        f"ONNX detector + DefectHead (onnx, pixel_threshold={cfg.pixel_threshold}"
+        + (", image score from pred_score" if with_score else "")
+        + f") -> {output}"
+    )
+
+
 def export_from_config(
     config_path: Union[str, "os.PathLike[str]"],
     output: Union[str, "os.PathLike[str]"],
@@ -646,17 +628,22 @@ def export_from_config(
             "optional pixel_threshold"
         )
     cfg = load_config(os.fspath(config_path), category)
+    if detector is not None and os.fspath(detector).lower().endswith(".onnx"):
+        return _export_onto_onnx(cfg, os.fspath(detector), output, fmt, map_output, threshold_input)
     det = None if detector is None else _load_detector(os.fspath(detector), fmt)
     what = "DefectHead" if det is None else "detector + DefectHead"
     if fmt == "torchscript":
         module: nn.Module = DefectHead(cfg)
         if det is not None:
+            _check_scripted_output(det, map_output)
             module = attach(det, module, output=map_output)
         save_scripted(module, output, config=cfg, provenance=cfg.pixel_threshold_provenance)
     else:
         example = None if det is None else _detector_example(det, example_shape)
         if det is not None and example is None:
             raise ValueError("--example-shape must be given: the detector holds no example input")
+        if det is not None:
+            _check_map_output(det(example), map_output)
         export = export_pt2 if fmt == "pt2" else export_onnx
         export(
             cfg,
