@@ -38,17 +38,19 @@ def test_f32_is_the_shortest_text_of_the_same_float32():
 
 
 @pytest.mark.parametrize(
-    "roi_max,n,thr,want",
+    "score,label,thr,want",
     [
-        (0.4, 0, None, (0.4, "roi_max", 0)),
-        (0.4, 2, None, (0.4, "roi_max", 1)),
-        (0.4, 2, 0.5, (0.4, "roi_max", 0)),  # the image threshold decides, not the regions
-        (0.5, 0, 0.5, (0.5, "roi_max", 1)),
-        (None, 0, 0.5, (None, "roi_max", 0)),  # empty ROI: no score, not defective
+        (0.4, 1, None, (0.4, 1)),  # the head's label (Defects.image_label) passes through
+        (0.4, 0, 0.3, (0.4, 0)),  # ... even with a threshold: the head applied it
+        (0.4, None, 0.5, (0.4, 0)),  # no defects: the image threshold decides
+        (0.5, None, 0.5, (0.5, 1)),
+        (None, None, 0.5, (None, 0)),  # empty ROI: no score, not defective
+        (0.4, None, None, (0.4, None)),  # no defects, no threshold: no label
+        (0.8999999761581421, 1, None, (0.9, 1)),  # float32-shortest text
     ],
 )
-def test_image_score_label(roi_max, n, thr, want):
-    assert records.image_score_label(roi_max, n, thr) == want
+def test_image_score_label(score, label, thr, want):
+    assert records.image_score_label(score, label, thr) == want
 
 
 def test_error_records_and_transient_kinds():
@@ -72,7 +74,7 @@ def test_result_record_with_and_without_defects():
     common = dict(index=1, path="a.npy", map_shape=(4, 4), image_size=None, space=None,
                   threshold=0.5, provenance={"source": "explicit"}, roi_max=0.9,
                   roi_mean=0.3, start=1, count=1, image_threshold=None)  # fmt: skip
-    rec = records.result_record(cols=cols, **common)
+    rec = records.result_record(cols=cols, label=1, **common)  # the head's label
     v.validate(rec)
     assert rec["defects"]["regions"] == [
         {"id": 2, "bbox_xyxy": [2, 2, 3, 3], "area": 4, "centroid_xy": [2.5, 2.5],

@@ -601,3 +601,34 @@ def test_save_maps_then_calibrate_from_images(tmp_path, capsys):
     bad = ["calibrate", "--images", str(imgs), "-o", str(cfg)]
     assert main(bad) == 2
     assert "--images needs --detector" in capsys.readouterr().err
+
+
+def test_detector_image_score_is_recorded(tmp_path):
+    """A detector with anomalib's pred_score: records carry its score, the head's label."""
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(6)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            return {"anomaly_map": x.mean(1, keepdim=True), "pred_score": x.mean((1, 2, 3)) * 3}
+
+    det = tmp_path / "det.pt"
+    torch.jit.save(torch.jit.script(Det()), str(det))
+    out = tmp_path / "out"
+    args = ["run", "--images", str(imgs), "--detector", str(det), "--map-output", "anomaly_map",
+            "--out", str(out), "--quiet", "--pixel-threshold", "2.0",
+            "--image-threshold", "1.5"]  # fmt: skip
+    assert main(args) == 0
+    for r in _recs(out):
+        u8 = torch.from_numpy(np.asarray(Image.open(r["input"])).copy())
+        x = u8.permute(2, 0, 1)[None].float() / 255.0  # the runner's image tensor
+        want = np.float32(Det()(x)["pred_score"][0].item())
+        assert r["score_source"] == "detector"
+        # Batched and single-image means may round differently in the last bit.
+        assert np.isclose(np.float32(r["score"]), want, rtol=2e-7, atol=0)
+        assert r["label"] == int(want >= np.float32(1.5))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from torchdefects import files
+from torchdefects.attach import _pick_score
 from torchdefects.batch.data import Batch, Group
 from torchdefects.batch.options import RunOptions, RunUsageError
 from torchdefects.batch.records import error_record, result_record
@@ -123,16 +124,23 @@ class Compute:
     def _run(self, g: Group) -> List[Job]:
         plan, opts = self.plan, self.opts
         x = g.batch.to(plan.device, non_blocking=True)
-        maps = (
-            maps_of(plan.detector(x), opts.map_output, x.shape[0]) if plan.detector else x[:, None]
-        )
+        det_score = None
+        if plan.detector is not None:
+            out = plan.detector(x)
+            maps = maps_of(out, opts.map_output, x.shape[0])
+            # The detector's own image score (anomalib's pred_score), as attach finds it.
+            det_score = _pick_score(out, None, auto=True)
+        else:
+            maps = x[:, None]
         h, w = int(maps.shape[2]), int(maps.shape[3])
         cols = None
         mask = None
+        labels = None
         if self.head is not None:
-            d = self.head(maps)
+            d = self.head(maps, None, det_score)
             counts = d.num_regions.cpu().tolist()
             rmax, rmean = d.roi_max.cpu().tolist(), d.roi_mean.cpu().tolist()
+            scores, labels = d.image_score.cpu().tolist(), d.image_label.cpu().tolist()
             r = d.regions
             cols = {k: getattr(r, k).cpu().tolist() for k in _REGION_COLUMNS}
             if plan.mask_dir is not None or plan.overlay_dir is not None:
@@ -143,6 +151,8 @@ class Compute:
             mx, mn = roi_stats(maps, self.roi)
             rmax, rmean = mx.cpu().tolist(), mn.cpu().tolist()
             counts = [0] * len(g.indices)
+            scores = rmax if det_score is None else det_score.float().cpu().tolist()
+        source = "roi_max" if det_score is None else "detector"
         maps_np = None
         if opts.save_maps or (plan.overlay_dir is not None and plan.detector is not None):
             maps_np = maps[:, 0].float().cpu().numpy()  # kept, or the heat under an image
@@ -154,6 +164,8 @@ class Compute:
                 index=index, path=plan.paths[index], map_shape=(h, w), image_size=img_size,
                 space=space, threshold=plan.threshold or 0.0, provenance=plan.provenance or {},
                 roi_max=rmax[k], roi_mean=rmean[k], cols=cols, start=start, count=int(counts[k]),
+                score=scores[k], score_source=source,
+                label=None if labels is None else int(labels[k]),
                 image_threshold=plan.cfg.image_threshold,
             )  # fmt: skip
             start += int(counts[k])

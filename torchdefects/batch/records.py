@@ -66,20 +66,18 @@ def f32(x: Optional[float]) -> Optional[float]:
 
 
 def image_score_label(
-    roi_max: Optional[float], num_regions: int, image_threshold: Optional[float]
-) -> Tuple[Optional[float], str, int]:
-    """(score, score_source, label) of one image.
+    score: Optional[float], label: Optional[int], image_threshold: Optional[float]
+) -> Tuple[Optional[float], Optional[int]]:
+    """(score, label) of one image as recorded.
 
-    The score is the ROI max of the map (``"roi_max"``) until the head returns the
-    detector's image score (``Defects.image_score``); the label is 1 when the score reaches
-    ``image_threshold`` if one is set, else when any region is reported.
+    The head decides the label (``Defects.image_label``: the score reaches
+    ``image_threshold`` when one is set, else any region is reported). Without defects
+    (``--no-defects``) there is a label only with an ``image_threshold``, by the same rule.
     """
-    score = f32(roi_max)
-    if image_threshold is not None:
+    score = f32(score)
+    if label is None and image_threshold is not None:
         label = int(score is not None and score >= np.float32(image_threshold))
-    else:
-        label = int(num_regions > 0)
-    return score, "roi_max", label
+    return score, label
 
 
 def mask_block(path: str, shape: Sequence[int], encoding: str, space: str) -> Dict[str, Any]:
@@ -125,10 +123,15 @@ def result_record(
     start: int,
     count: int,
     image_threshold: Optional[float],
+    score: Optional[float] = None,
+    score_source: str = "roi_max",
+    label: Optional[int] = None,
 ) -> Dict[str, Any]:
     """One input's result; ``cols`` (flat region columns of the batch, from the head) is
-    ``None`` when defects are off, and then the record has no ``defects`` block."""
-    score, source, label = image_score_label(roi_max, count, image_threshold)
+    ``None`` when defects are off, and then the record has no ``defects`` block. ``score``
+    is the image score (the detector's, ``score_source="detector"``, else the ROI max)."""
+    score, label = image_score_label(roi_max if score is None else score, label, image_threshold)
+    source = score_source
     rec: Dict[str, Any] = {
         "index": int(index),
         "input": path,
@@ -136,7 +139,7 @@ def result_record(
         "image_size": list(image_size) if image_size is not None else None,
         "score": score,
         "score_source": source,
-        "label": label if cols is not None or image_threshold is not None else None,
+        "label": label,
     }
     if cols is None:
         return rec
