@@ -95,7 +95,7 @@ def _pick_score(out: Any, score_output: Selector, auto: bool) -> Optional[Tensor
             return None
         value = _get(out, DEFAULT_SCORE_FIELD, "score_output")
         # anomalib leaves pred_score None in some modes: then there is no detector score.
-        return value if isinstance(value, Tensor) else None
+        return value.reshape(-1) if isinstance(value, Tensor) else None
     if isinstance(score_output, int):
         if not isinstance(out, (tuple, list)):
             raise TypeError(

@@ -139,7 +139,7 @@ def join_onnx(
     ir = max(det.ir_version, hd.ir_version)
     det.ir_version = hd.ir_version = ir
 
-    hd = compose.add_prefix(hd, _HEAD_PREFIX)
+    _prefix_graph(hd.graph, _HEAD_PREFIX)
     head_outputs = _names(hd.graph.output)
     clash = {n[len(_HEAD_PREFIX) :] for n in head_outputs} & set(det_outputs)
     kept_inputs = [n for n in _names(hd.graph.input) if n not in {b for _, b in io_map}]
@@ -161,6 +161,36 @@ def join_onnx(
             entry.key, entry.value = prop.key, prop.value
     onnx.checker.check_model(joined)
     return joined
+
+
+def _prefix_graph(graph: Any, prefix: str) -> None:
+    """Every value and node name of ``graph`` and of its subgraphs (Loop/If bodies) prefixed.
+
+    ``onnx.compose.add_prefix`` leaves a Loop body's references to outer values unrenamed;
+    renaming every name the same way everywhere keeps them consistent.
+    """
+    from onnx import AttributeProto
+
+    def rename(name: str) -> str:
+        return prefix + name if name else name
+
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        value.name = rename(value.name)
+    for init in graph.initializer:
+        init.name = rename(init.name)
+    for init in graph.sparse_initializer:
+        init.values.name = rename(init.values.name)
+        init.indices.name = rename(init.indices.name)
+    for node in graph.node:
+        node.name = rename(node.name)
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+        for attr in node.attribute:
+            if attr.type == AttributeProto.GRAPH:
+                _prefix_graph(attr.g, prefix)
+            elif attr.type == AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _prefix_graph(g, prefix)
 
 
 def _flat_output(model: Any, name: str) -> str:

@@ -93,8 +93,8 @@ class RunOptions:
     maps: Optional[str] = _flag(None, "anomaly maps (.npy .npz .pt .png .tif), a folder or a glob",
                                 _IN, metavar="DIR_OR_GLOB")
     images: Optional[str] = _flag(None, "images, with --detector", _IN, metavar="DIR_OR_GLOB")
-    detector: Optional[str] = _flag(None, "TorchScript detector for --images", _IN,
-                                    metavar="MODEL.pt")
+    detector: Optional[str] = _flag(
+        None, "TorchScript (.pt) or ONNX (.onnx) detector for --images", _IN, metavar="MODEL")
     map_output: Optional[Union[int, str]] = _flag(
         None, "the map among the detector's outputs (tuple index or dict key)", _IN,
         metavar="INDEX_OR_KEY", type=_int_or_key)

@@ -209,6 +209,17 @@ def image_map_loader(
 
 
 def load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]:
+    """A detector file and its preprocessing metadata: TorchScript, or ONNX (``.onnx``,
+    run by onnxruntime from the ``onnx`` extra; its outputs come back by name)."""
+    if path.lower().endswith(".onnx"):
+        from torchdefects.onnx_detector import OnnxDetector
+
+        try:
+            return OnnxDetector(path, device=device), {}
+        except (ImportError, OSError, ValueError) as e:
+            raise RunUsageError(f"--detector {path}: {e}") from e
+        except Exception as e:  # onnxruntime's own errors: a file it cannot load
+            raise RunUsageError(f"--detector {path}: cannot load ONNX: {e}") from e
     extra = {PREPROCESS_EXTRA_FILE: ""}
     try:
         det = torch.jit.load(path, map_location=device, _extra_files=extra)
