@@ -632,3 +632,20 @@ def test_detector_image_score_is_recorded(tmp_path):
         # Batched and single-image means may round differently in the last bit.
         assert np.isclose(np.float32(r["score"]), want, rtol=2e-7, atol=0)
         assert r["label"] == int(want >= np.float32(1.5))
+
+
+def test_max_pixels_cap_is_an_error_record(tmp_path, capsys):
+    """--max-pixels: a map over the cap is an error record (too_large); the rest run."""
+    d = tmp_path / "maps"
+    d.mkdir()
+    np.save(d / "small.npy", np.zeros((4, 4), np.float32))
+    np.save(d / "big.npy", np.zeros((8, 8), np.float32))
+    out = tmp_path / "out"
+    args = ["run", "--maps", str(d), "--out", str(out), "--quiet", "--pixel-threshold", "0.5",
+            "--max-pixels", "20"]  # fmt: skip
+    assert main(args) == 3
+    recs = {os.path.basename(r["input"]): r for r in _recs(out)}
+    assert recs["big.npy"]["error"]["type"] == "too_large"
+    assert "defects" in recs["small.npy"]
+    assert main([*args[:-1], "0", "--overwrite"]) == 2
+    assert "--max-pixels must be >= 1, got 0" in capsys.readouterr().err

@@ -63,6 +63,9 @@ def _classify_read_error(e: BaseException) -> str:
     msg = str(e)
     if isinstance(e, FileNotFoundError):
         return "file_not_found"
+    kind = getattr(e, "kind", None)  # files.InputError says what was wrong
+    if kind in ("too_large", "not_regular_file", "bad_shape", "empty_map"):
+        return str(kind)
     if "must have shape" in msg:
         return "bad_shape"
     if "is empty" in msg:
@@ -79,6 +82,7 @@ class InputDataset(torch.utils.data.Dataset):
         kind: ``"maps"`` or ``"images"``.
         prep: detector preprocessing (images only).
         keep_source: also return the array as read (for overlays).
+        max_pixels: inputs over this many pixels are refused before decoding.
     """
 
     def __init__(
@@ -88,7 +92,9 @@ class InputDataset(torch.utils.data.Dataset):
         kind: str,
         prep: Optional[Preprocess],
         keep_source: bool,
+        max_pixels: Optional[int] = files.DEFAULT_MAX_PIXELS,
     ) -> None:
+        self.max_pixels = max_pixels
         self.paths = paths
         self.indices = indices
         self.kind = kind
@@ -109,7 +115,7 @@ class InputDataset(torch.utils.data.Dataset):
             return Item(index, None, None, None, (_classify_read_error(e), str(e)))
 
     def _map(self, index: int, path: str) -> Item:
-        a = files.read_map(path)
+        a = files.read_map(path, max_pixels=self.max_pixels)
         if a.ndim != 2:
             return Item(index, None, None, None,
                         ("bad_shape", f"{path}: map must be 2-D, got {list(a.shape)}"))  # fmt: skip
@@ -124,7 +130,7 @@ class InputDataset(torch.utils.data.Dataset):
         return Item(index, t, None, a if self.keep_source else None, None)
 
     def _image(self, index: int, path: str) -> Item:
-        img = files.read_image(path)
+        img = files.read_image(path, max_pixels=self.max_pixels)
         if img.shape[0] == 0 or img.shape[1] == 0:
             return Item(index, None, None, None, ("empty_map", f"{path}: image is empty"))
         size = (int(img.shape[0]), int(img.shape[1]))

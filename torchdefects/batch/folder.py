@@ -199,7 +199,7 @@ def _stream(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Tuple[int, int, bool
     results = os.path.join(opts.out, _results_name(r, "results"))
     regions = os.path.join(opts.out, _results_name(r, "regions")) if opts.regions_jsonl else None
     keep_source = plan.overlay_dir is not None
-    dataset = InputDataset(plan.paths, todo, plan.kind, plan.prep, keep_source)
+    dataset = InputDataset(plan.paths, todo, plan.kind, plan.prep, keep_source, opts.max_pixels)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=opts.batch_size,

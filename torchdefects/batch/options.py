@@ -95,6 +95,9 @@ class RunOptions:
     images: Optional[str] = _flag(None, "images, with --detector", _IN, metavar="DIR_OR_GLOB")
     detector: Optional[str] = _flag(
         None, "TorchScript (.pt) or ONNX (.onnx) detector for --images", _IN, metavar="MODEL")
+    max_pixels: int = _flag(
+        2**27, "inputs over this many pixels are error records, checked before decoding "
+        "(a fixed default, the same on every machine)", _IN, metavar="N")
     map_output: Optional[Union[int, str]] = _flag(
         None, "the map among the detector's outputs (tuple index or dict key)", _IN,
         metavar="INDEX_OR_KEY", type=_int_or_key)

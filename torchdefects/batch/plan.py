@@ -55,6 +55,10 @@ def _check_options(opts: RunOptions) -> None:
         raise RunUsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.num_workers < 0:
         raise RunUsageError(f"--num-workers must be >= 0, got {opts.num_workers}")
+    if isinstance(opts.max_pixels, bool) or not isinstance(opts.max_pixels, int):
+        raise RunUsageError(f"--max-pixels must be an integer, got {opts.max_pixels!r}")
+    if opts.max_pixels < 1:
+        raise RunUsageError(f"--max-pixels must be >= 1, got {opts.max_pixels}")
     if opts.mask_space not in ("anomaly_map", "image"):
         raise RunUsageError(f"--mask-space must be anomaly_map or image, got {opts.mask_space!r}")
     if opts.mask_space == "image" and opts.images is None and opts.image_size is None:

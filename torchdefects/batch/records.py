@@ -41,6 +41,8 @@ ERROR_TYPES: Tuple[str, ...] = (
     "bad_shape",
     "empty_map",
     "nan_map",
+    "too_large",
+    "not_regular_file",
     "detector_error",
     "head_error",
     "write_error",
