@@ -24,10 +24,11 @@ from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
 __all__ = ["connected_components"]
 
 
-def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tensor:
-    """Edges joining the runs of each component, two per run (fixed size): :math:`(2, 2R)`.
+def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tuple[Tensor, Tensor]:
+    """Edges ``(a[e], b[e])`` joining the runs of each component: two per run, each listed
+    in both directions, :math:`4R` (fixed size).
 
-    Column ``e`` is the edge ``(edges[0, e], edges[1, e])``. Two sorted lists of disjoint
+    Two sorted lists of disjoint
     intervals (the runs of two consecutive rows) overlap in a staircase: every
     overlapping pair ``(i, j)`` has ``j`` the first run of its row that overlaps ``i``,
     or ``i`` the first run of its row that overlaps ``j``. So each run looks up the
@@ -41,11 +42,12 @@ def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tenso
     num_pixels = runs.count.shape[0]
     step = width + 1
     # Run j of row r +- 1 overlaps run i (columns s..e-1) of row r when
-    # end_j > s - slack and start_j < e + slack. Row 0 looks above, row 1 below.
+    # end_j > s - slack and start_j < e + slack. The first n looks go above, the
+    # next n below.
     base = runs.row * step + runs.start
-    at = torch.stack([base - (step + slack), base + (step - slack)]).clamp(0, num_pixels - 1)
+    at = torch.cat([base - (step + slack), base + (step - slack)]).clamp(0, num_pixels - 1)
     # int32 or int64 indices (as the count): gathers take either, ``where`` widens.
-    j = torch.bitwise_right_shift(runs.count[at], 1)
+    j = torch.bitwise_right_shift(runs.count.index_select(0, at), 1)
     if _exporting():
         j = j.to(torch.int64)  # ONNX gathers and Where want one index type
     # Checks on keys with a gap row between images (a look never crosses into the next
@@ -53,70 +55,74 @@ def _run_edges(runs: _Runs, height: int, width: int, connectivity: int) -> Tenso
     # run, j = n finds the sentinel, which fails.
     stride = width + 2
     key_row = (runs.row + torch.div(runs.row, height, rounding_mode="floor")) * stride
-    first = torch.cat([key_row + runs.start, key_row.new_full((1,), 2**60)])[j]
-    at_row = torch.stack([key_row - stride, key_row + stride])
+    first = torch.cat([key_row + runs.start, key_row.new_full((1,), 2**60)]).index_select(0, j)
+    at_row = torch.cat([key_row - stride, key_row + stride])
     if slack == 1:
-        inside = first <= at_row + runs.end
+        inside = first <= at_row + runs.end.repeat(2)
     else:
-        inside = first < at_row + runs.end
+        inside = first < at_row + runs.end.repeat(2)
     hit = (first >= at_row) & inside
-    u = torch.arange(n, device=key_row.device)
-    # Rows [u, u, v_above, v_below] read as two rows of 2R: [[u, u], [v_above, v_below]].
-    return torch.cat([u.expand(2, n), torch.where(hit, j, u)]).view(2, 2 * n)
+    u = torch.arange(n, device=key_row.device).repeat(2)
+    v = torch.where(hit, j, u)
+    # Every edge in both directions: ends [u, u, v_above, v_below] against
+    # [v_above, v_below, u, u].
+    return torch.cat([u, v]), torch.cat([v, u])
 
 
-def _hook_and_jump(parent: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    """One round of union-find, given the smaller and larger parent of every edge's ends.
+def _hook_and_jump(parent: Tensor, pa: Tensor, pb: Tensor) -> Tensor:
+    """One round of union-find, given the parents ``pa``, ``pb`` of the ends of every edge.
 
-    Each edge points the larger of the two parents to the smaller
-    (``scatter_reduce(amin)``), then three pointer jumps follow. Parents only ever
-    point to smaller nodes of the same component, so there is no cycle, and the
-    smallest node of a component is its root at the end.
+    Edges come in both directions, and each points its first end's parent to the other's
+    when that is smaller (``scatter_reduce(amin)``; a larger one changes nothing, as a
+    parent is never larger than its node): the larger of the two parents goes to the
+    smaller. Then four pointer jumps follow (fewer rounds than three on defect masks,
+    spirals and percolation clusters). Parents only ever point to smaller nodes of the
+    same component, so there is no cycle, and the smallest node of a component is its
+    root at the end.
     """
-    parent = parent.scatter_reduce(0, high, low, reduce="amin")
-    for _ in range(3):
+    parent = parent.scatter_reduce(0, pa, pb, reduce="amin")
+    for _ in range(4):
         parent = parent.index_select(0, parent)
     return parent
 
 
-def _union_find_traced(parent: Tensor, edges: Tensor) -> Tensor:
+def _union_find_traced(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """The loop of :func:`_union_find` as a ``while_loop``, for torch.export / compile."""
     from torch._higher_order_ops.while_loop import while_loop
 
     def cond(p: Tensor) -> Tensor:
-        ends = p[edges]
-        return (ends[0] != ends[1]).any()
+        return (p.index_select(0, a) != p.index_select(0, b)).any()
 
     def body(p: Tensor) -> Tuple[Tensor]:
-        low, high = torch.aminmax(p[edges], dim=0)
-        return (_hook_and_jump(p, low, high),)
+        return (_hook_and_jump(p, p.index_select(0, a), p.index_select(0, b)),)
 
     return while_loop(cond, body, (parent,))[0]
 
 
-def _union_find(num_nodes: int, edges: Tensor) -> Tensor:
+def _union_find(num_nodes: int, a: Tensor, b: Tensor) -> Tensor:
     """Root of every node (the smallest node of its component), int64.
 
-    ``edges`` is :math:`(2, E)`. Rounds of :func:`_hook_and_jump` until the two ends of
-    every edge have the same parent. Then every node of a component has one parent
-    ``p`` (edges chain them), ``p`` among them, so ``parent[p] == p``: ``p`` is the root
-    and the trees are flat. One host synchronization per two rounds (the check); under
-    torch.export the loop is a ``while_loop`` (TorchScript cannot compile one).
+    ``(a[e], b[e])`` are the edges, each in both directions. Rounds of
+    :func:`_hook_and_jump` until the two ends of every edge have the same parent. Then
+    every node of a component has one parent ``p`` (edges chain them), ``p`` among
+    them, so ``parent[p] == p``: ``p`` is the root and the trees are flat. One host
+    synchronization per two rounds (the check); under torch.export the loop is a
+    ``while_loop`` (TorchScript cannot compile one).
     """
-    low, high = torch.aminmax(edges, dim=0)
-    parent = _hook_and_jump(torch.arange(num_nodes, device=edges.device), low, high)
+    parent = _hook_and_jump(torch.arange(num_nodes, device=a.device), a, b)
     if not torch.jit.is_scripting():  # noqa: SIM102
         if _exporting():
-            return _union_find_traced(parent, edges)
-    # The parents of both ends of every edge in one gather, ordered per edge.
-    low, high = torch.aminmax(parent[edges], dim=0)
-    # Two rounds per check: components of defect masks take three to five rounds, so
-    # this halves the host synchronizations for at most one round of extra work.
-    while not torch.equal(low, high):
-        parent = _hook_and_jump(parent, low, high)
-        low, high = torch.aminmax(parent[edges], dim=0)
-        parent = _hook_and_jump(parent, low, high)
-        low, high = torch.aminmax(parent[edges], dim=0)
+            return _union_find_traced(parent, a, b)
+    parent = _hook_and_jump(parent, parent.index_select(0, a), parent.index_select(0, b))
+    pa = parent.index_select(0, a)
+    pb = parent.index_select(0, b)
+    # Checks after rounds 2, 4, 6, ...: components of defect masks take one to five
+    # rounds, so this halves the host synchronizations for at most one extra round.
+    while not torch.equal(pa, pb):
+        parent = _hook_and_jump(parent, pa, pb)
+        parent = _hook_and_jump(parent, parent.index_select(0, a), parent.index_select(0, b))
+        pa = parent.index_select(0, a)
+        pb = parent.index_select(0, b)
     return parent
 
 
@@ -124,7 +130,8 @@ def _components(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor]:
     """Runs of ``fg`` (bool :math:`(B, H, W)`) and the root run of each one's component."""
     b, h, w = fg.shape[0], fg.shape[1], fg.shape[2]
     runs = _row_runs(fg.reshape(b * h, w))
-    return runs, _union_find(runs.row.shape[0], _run_edges(runs, h, w, connectivity))
+    a, b = _run_edges(runs, h, w, connectivity)
+    return runs, _union_find(runs.row.shape[0], a, b)
 
 
 def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, Tensor]:
