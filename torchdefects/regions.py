@@ -11,7 +11,6 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchdefects._check import _as_bhw
 from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _row_runs
 
 __all__ = ["Regions", "region_stats", "select_regions"]
@@ -301,14 +300,16 @@ def select_regions(
     order = torch.sort(regions.area, descending=True, stable=True).indices
     score = regions.score_max.index_select(0, order)
     order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    group = (regions.batch_index * 2 + drop.to(torch.int64)).index_select(0, order)
+    group = (regions.batch_index * 2 + drop).index_select(0, order)
     order = order.index_select(0, torch.sort(group, stable=True).indices)
     batch = regions.batch_index.index_select(0, order)
     # Rank of each region in its image: its position minus that of the image's first.
     rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
-    chosen = ~drop.index_select(0, order)
     if max_regions is not None:
-        chosen = chosen & (rank < max_regions)
+        # Kept and within the first max_regions: for bools, a > b is a and not b.
+        chosen = (rank < max_regions) > drop.index_select(0, order)
+    else:
+        chosen = ~drop.index_select(0, order)
     out = _take(regions, order.index_select(0, _flat_nonzero(chosen)))
     num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
     num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
@@ -318,12 +319,19 @@ def select_regions(
         return labels, out, num_regions
     # Relabel through a table over every (image, label) pair: entry b * (H * W + 1) + l
     # is l if region l of image b is kept, else 0.
-    lab = _as_bhw(labels, "labels")
-    b, h, w = lab.shape[0], lab.shape[1], lab.shape[2]
+    shape = _bhw(labels, "labels")
+    b, h, w = shape[0], shape[1], shape[2]
     width = h * w + 1
-    key_dtype = lab.dtype if num_images * width < 2**31 else torch.int64
-    table = torch.zeros(num_images * width, dtype=lab.dtype, device=device)
-    table = table.index_put((out.batch_index * width + out.label,), out.label.to(lab.dtype))
-    base = (torch.arange(b, device=device) * width).to(key_dtype).view(b, 1, 1)
-    kept = table.index_select(0, (lab.to(key_dtype) + base).reshape(-1)).view(labels.shape)
+    key_dtype = labels.dtype if num_images * width < 2**31 else torch.int64
+    table = torch.zeros(num_images * width, dtype=labels.dtype, device=device)
+    table = table.index_put((out.batch_index * width + out.label,), out.label.to(labels.dtype))
+    # Image b's keys start at b * width; the offsets broadcast over (B, [1,] H, W).
+    if _exporting():
+        # A stepped arange over symbolic sizes makes export guard on its length.
+        base = (torch.arange(b, device=device) * width).to(key_dtype)
+    else:
+        base = torch.arange(0, b * width, width, dtype=key_dtype, device=device)
+    keys = labels if labels.dtype == key_dtype else labels.to(key_dtype)
+    keys = keys + base.view([b] + [1] * (labels.dim() - 1))
+    kept = table.index_select(0, keys.view(-1)).view(labels.shape)
     return kept, out, num_regions
