@@ -126,7 +126,8 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     first_of_image = last_of_image - counts
 
     flat_labels = labels.reshape(-1)
-    runs = _row_runs((flat_labels != 0).view(b * h, w), with_count=False)
+    fg = flat_labels != 0
+    runs = _row_runs(fg.view(b * h, w), with_count=False)
     row, start, end = runs.row, runs.start, runs.end
     length = end - start
     image = torch.div(row, h, rounding_mode="floor")
@@ -160,15 +161,54 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
             return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
+    return _run_stats(
+        anomaly_map,
+        fg,
+        start,
+        end,
+        length,
+        y,
+        first,
+        region,
+        last_of_image,
+        first_of_image,
+        num_regions,
+        num_pixels,
+        score_dtype,
+    )
+
+
+def _run_stats(
+    anomaly_map: Optional[Tensor],
+    fg: Tensor,
+    start: Tensor,
+    end: Tensor,
+    length: Tensor,
+    y: Tensor,
+    first: Tensor,
+    region: Tensor,
+    last_of_image: Tensor,
+    first_of_image: Tensor,
+    num_regions: int,
+    num_pixels: int,
+    score_dtype: torch.dtype,
+) -> Regions:
+    """:class:`Regions` from the runs of the labeled pixels (``fg``, flat bool), in
+    raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
+    image, flat position ``first`` of its first pixel, and ``region``, its region's
+    index over the batch (0-based, ``(batch_index, label)`` order). ``last_of_image``
+    and ``first_of_image`` are the inclusive and exclusive running counts of regions
+    per image; ``num_regions`` and ``num_pixels`` the totals (positive)."""
+    device = start.device
     # Scores per run: the map over every run pixel, run after run in raster order.
     valid = length
     run_max = torch.empty(0, dtype=score_dtype, device=device)
     run_sum = torch.empty(0, dtype=torch.float64, device=device)
     if anomaly_map is not None:
         run = torch.empty(0, dtype=torch.int64, device=device)  # only while exporting
-        if _eager_cpu(labels):
+        if _eager_cpu(fg):
             # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
-            pos = _flat_nonzero(flat_labels != 0)
+            pos = _flat_nonzero(fg)
         elif _exporting():
             # ONNX has no repeat_interleave: owners by a prefix count.
             stop = torch.cumsum(length, 0)
