@@ -134,6 +134,26 @@ def _components(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor]:
     return runs, _union_find(runs.row.shape[0], a, b)
 
 
+def _numbered_runs(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor, Tensor, Tensor, Tensor]:
+    """Runs of ``fg`` (bool :math:`(B, H, W)`, not empty) and their components, numbered.
+
+    Returns ``(runs, number, image, counts, before)``: each run's component number over
+    the whole batch (1-based, in raster order of the components' first pixels), each
+    run's image, the components per image (int64 :math:`(B,)`) and the components of
+    the images before each image. The label of a run is ``number - before[image]``.
+    """
+    b, h = fg.shape[0], fg.shape[1]
+    runs, root = _components(fg, connectivity)
+    # Roots are the first runs of their components, in raster order: a running count of
+    # roots, minus the count before each image, numbers them as SciPy does.
+    is_root = (root == torch.arange(root.shape[0], device=root.device)).to(torch.int64)
+    image = torch.div(runs.row, h, rounding_mode="floor")
+    counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
+    before = torch.cumsum(counts, 0) - counts
+    number = torch.cumsum(is_root, 0).index_select(0, root)
+    return runs, number, image, counts, before
+
+
 def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, Tensor]:
     r"""Label the connected components of every mask of a batch, exactly.
 
@@ -174,13 +194,7 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     if b * h * fg.shape[2] == 0:
         counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
-    runs, root = _components(fg, connectivity)
-    # Roots are the first runs of their components, in raster order: a running count of
-    # roots, minus the count before each image, numbers them as SciPy does.
-    is_root = (root == torch.arange(root.shape[0], device=root.device)).to(torch.int64)
-    image = torch.div(runs.row, h, rounding_mode="floor")
-    counts = torch.zeros(b, dtype=torch.int64, device=root.device).scatter_add(0, image, is_root)
-    before = torch.cumsum(counts, 0) - counts
-    label = torch.cumsum(is_root, 0).index_select(0, root) - before.index_select(0, image)
+    runs, number, image, counts, before = _numbered_runs(fg, connectivity)
+    label = number - before.index_select(0, image)
     labels = _paint(runs, label.to(torch.int32), mask.shape[-1])
     return labels.view(mask.shape), counts

@@ -11,7 +11,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _row_runs
+from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _paint, _row_runs
+from torchdefects.components import _numbered_runs, connected_components
 
 __all__ = ["Regions", "region_stats", "select_regions"]
 
@@ -287,6 +288,78 @@ def _run_stats(
         score_max=score_max,
         score_mean=score_mean,
     )
+
+
+def _label_regions(
+    mask: Tensor, connectivity: int = 8, anomaly_map: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Regions]:
+    """``connected_components(mask)`` then ``region_stats`` of its labels, in one pass.
+
+    The same ``(labels, counts)`` and :class:`Regions` as the two public functions, bit
+    for bit, for :class:`~torchdefects.DefectHead`: the statistics reuse the runs that
+    labeling listed and their component numbers, instead of listing the runs of the
+    labels again (one ``nonzero`` and about 25 ops fewer), and need no label check.
+    One host synchronization beyond labeling's: the number of regions and of their
+    pixels, in one read.
+    """
+    if connectivity != 4 and connectivity != 8:
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    shape = _bhw(mask, "mask")
+    b, h, w = shape[0], shape[1], shape[2]
+    score_dtype = torch.float32
+    if anomaly_map is not None:
+        map_shape = _bhw(anomaly_map, "anomaly_map")
+        if map_shape != shape:
+            raise ValueError(f"anomaly_map must have the shape of mask {shape}, got {map_shape}")
+        if anomaly_map.dtype == torch.float64:
+            score_dtype = torch.float64
+    if b * h * w == 0:
+        labels, counts = connected_components(mask, connectivity)
+        return labels, counts, region_stats(labels, counts, anomaly_map)
+    flat = mask.reshape(-1)
+    fg = flat if flat.dtype == torch.bool else flat != 0
+    runs, number, image, counts, before = _numbered_runs(fg.view(b, h, w), connectivity)
+    labels = _paint(runs, (number - before.index_select(0, image)).to(torch.int32), w)
+    labels = labels.view(mask.shape)
+
+    row, start, end = runs.row, runs.start, runs.end
+    length = end - start
+    device = mask.device
+    num_regions, num_pixels, traced = 0, 0, False
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            # Data-dependent sizes for torch.export (unbacked): two reads.
+            num_regions = counts.sum().item()
+            num_pixels = length.sum().item()
+            torch._check(num_regions >= 0)
+            torch._check(num_pixels >= 0)
+            traced = True
+    if not traced:
+        numel = b * h * w
+        sizes = int(counts.sum() * (numel + 1) + length.sum())
+        num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
+        if num_regions == 0:
+            return labels, counts, _empty_regions(device, score_dtype)
+    if _exporting():
+        y = row - image * h  # ONNX has no remainder by a symbolic scalar
+    else:
+        y = torch.remainder(row, h)
+    regions = _run_stats(
+        anomaly_map,
+        fg,
+        start,
+        end,
+        length,
+        y,
+        row * w + start,
+        number - 1,
+        before + counts,
+        before,
+        num_regions,
+        num_pixels,
+        score_dtype,
+    )
+    return labels, counts, regions
 
 
 def _take(regions: Regions, index: Tensor) -> Regions:
