@@ -101,12 +101,12 @@ def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:
 
     One gather from ``[0, v0, 0, v1, 0, ...]`` by the change count (odd on run ``i``'s
     pixels, even off the runs). Integer counts are exact: the same map on every device,
-    no host synchronization.
+    no host synchronization. The result is a view (rows of ``W + 1``, the last column
+    dropped): ``.view`` splits its rows, ``.reshape`` makes it contiguous.
     """
     table = values.new_zeros(2 * values.shape[0] + 1)
     table[1::2] = values
-    count = runs.count.view(-1, width + 1).narrow(1, 0, width)
-    return table.index_select(0, count.reshape(-1)).view(-1, width)
+    return table.index_select(0, runs.count).view(-1, width + 1).narrow(1, 0, width)
 
 
 def _owner(ends: Tensor, total: int) -> Tensor:

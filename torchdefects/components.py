@@ -18,7 +18,6 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from torchdefects._check import _as_bhw
 from torchdefects._runs import _exporting, _paint, _row_runs, _Runs
 
 __all__ = ["connected_components"]
@@ -127,22 +126,24 @@ def _union_find(num_nodes: int, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _components(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor]:
-    """Runs of ``fg`` (bool :math:`(B, H, W)`) and the root run of each one's component."""
-    b, h, w = fg.shape[0], fg.shape[1], fg.shape[2]
-    runs = _row_runs(fg.reshape(b * h, w))
+    """Runs of ``fg`` (bool :math:`(B, H, W)` or :math:`(B, 1, H, W)`) and the root run
+    of each one's component."""
+    h, w = fg.shape[-2], fg.shape[-1]
+    runs = _row_runs(fg.reshape(-1, w))
     a, b = _run_edges(runs, h, w, connectivity)
     return runs, _union_find(runs.row.shape[0], a, b)
 
 
 def _numbered_runs(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor, Tensor, Tensor, Tensor]:
-    """Runs of ``fg`` (bool :math:`(B, H, W)`, not empty) and their components, numbered.
+    """Runs of ``fg`` (bool :math:`(B, H, W)` or :math:`(B, 1, H, W)`, not empty) and
+    their components, numbered.
 
     Returns ``(runs, number, image, counts, before)``: each run's component number over
     the whole batch (1-based, in raster order of the components' first pixels), each
     run's image, the components per image (int64 :math:`(B,)`) and the components of
     the images before each image. The label of a run is ``number - before[image]``.
     """
-    b, h = fg.shape[0], fg.shape[1]
+    b, h = fg.shape[0], fg.shape[-2]
     runs, root = _components(fg, connectivity)
     # Roots are the first runs of their components, in raster order: a running count of
     # roots, minus the count before each image, numbers them as SciPy does.
@@ -188,13 +189,14 @@ def connected_components(mask: Tensor, connectivity: int = 8) -> Tuple[Tensor, T
     """
     if connectivity != 4 and connectivity != 8:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    x = _as_bhw(mask, "mask")
-    b, h = x.shape[0], x.shape[1]
-    fg = x if x.dtype == torch.bool else x != 0
-    if b * h * fg.shape[2] == 0:
-        counts = torch.zeros(b, dtype=torch.int64, device=mask.device)
+    if mask.dim() != 3 and not (mask.dim() == 4 and mask.shape[1] == 1):
+        raise ValueError(f"mask must have shape (B, 1, H, W) or (B, H, W), got {list(mask.shape)}")
+    # Used in its own shape: the runs are listed over its rows, whatever the leading dims.
+    fg = mask if mask.dtype == torch.bool else mask != 0
+    if mask.shape[0] * mask.shape[-2] * mask.shape[-1] == 0:
+        counts = torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
         return torch.zeros(mask.shape, dtype=torch.int32, device=mask.device), counts
     runs, number, image, counts, before = _numbered_runs(fg, connectivity)
     label = number - before.index_select(0, image)
     labels = _paint(runs, label.to(torch.int32), mask.shape[-1])
-    return labels.view(mask.shape), counts
+    return labels.reshape(mask.shape), counts

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdefects._check import _as_b1hw, _as_bhw, _check_bool_mask
-from torchdefects._runs import _paint
+from torchdefects._check import _as_b1hw, _check_bool_mask
+from torchdefects._runs import _exporting, _paint
 from torchdefects.components import _components
 
 __all__ = ["closing", "dilation", "erosion", "fill_holes", "opening"]
@@ -188,16 +188,21 @@ def fill_holes(mask: Tensor) -> Tensor:
         True
     """
     _check_bool_mask(mask, "mask")
-    x = _as_bhw(mask, "mask")
-    b, height, width = x.shape[0], x.shape[1], x.shape[2]
-    if b * height * width == 0:
+    _as_b1hw(mask, "mask")  # shape check; the mask is used in its own shape
+    height, width = mask.shape[-2], mask.shape[-1]
+    if mask.shape[0] * height * width == 0:
         return mask.clone()
-    runs, root = _components(~x, 4)
-    y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
-    on_border = (y == 0) | (y == height - 1) | (runs.start == 0) | (runs.end == width)
-    reaches_border = torch.zeros_like(root).scatter_reduce(
-        0, root, on_border.to(torch.int64), reduce="amax"
+    runs, root = _components(~mask, 4)
+    if _exporting():
+        y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
+    else:
+        y = torch.remainder(runs.row, height)
+    # Distance of a run to the nearest image border (0: on the border), >= 0.
+    gap = torch.minimum(
+        torch.minimum(y, (height - 1) - y), torch.minimum(runs.start, width - runs.end)
     )
-    is_hole = reaches_border.index_select(0, root) == 0
-    filled = x | _paint(runs, is_hole, width).view(b, height, width)
-    return filled.reshape(mask.shape)
+    # Per component, its least gap, gathered at the root (a root is among its own
+    # members; other entries are never read).
+    least = gap.scatter_reduce(0, root, gap, reduce="amin")
+    is_hole = least.index_select(0, root) > 0
+    return mask | _paint(runs, is_hole, width).view(mask.shape)

@@ -194,7 +194,7 @@ def _run_stats(
     num_pixels: int,
     score_dtype: torch.dtype,
 ) -> Regions:
-    """:class:`Regions` from the runs of the labeled pixels (``fg``, flat bool), in
+    """:class:`Regions` from the runs of the labeled pixels (``fg``, bool), in
     raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
     image, flat position ``first`` of its first pixel, and ``region``, its region's
     index over the batch (0-based, ``(batch_index, label)`` order). ``last_of_image``
@@ -209,7 +209,7 @@ def _run_stats(
         run = torch.empty(0, dtype=torch.int64, device=device)  # only while exporting
         if _eager_cpu(fg):
             # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
-            pos = _flat_nonzero(fg)
+            pos = _flat_nonzero(fg.reshape(-1))
         elif _exporting():
             # ONNX has no repeat_interleave: owners by a prefix count.
             stop = torch.cumsum(length, 0)
@@ -316,11 +316,10 @@ def _label_regions(
     if b * h * w == 0:
         labels, counts = connected_components(mask, connectivity)
         return labels, counts, region_stats(labels, counts, anomaly_map)
-    flat = mask.reshape(-1)
-    fg = flat if flat.dtype == torch.bool else flat != 0
-    runs, number, image, counts, before = _numbered_runs(fg.view(b, h, w), connectivity)
+    fg = mask if mask.dtype == torch.bool else mask != 0
+    runs, number, image, counts, before = _numbered_runs(fg, connectivity)
     labels = _paint(runs, (number - before.index_select(0, image)).to(torch.int32), w)
-    labels = labels.view(mask.shape)
+    labels = labels.reshape(mask.shape)
 
     row, start, end = runs.row, runs.start, runs.end
     length = end - start
