@@ -202,11 +202,8 @@ def _run_stats(
     per image; ``num_regions`` and ``num_pixels`` the totals (positive)."""
     device = start.device
     # Scores per run: the map over every run pixel, run after run in raster order.
-    valid = length
-    run_max = torch.empty(0, dtype=score_dtype, device=device)
-    run_sum = torch.empty(0, dtype=torch.float64, device=device)
     if anomaly_map is not None:
-        run = torch.empty(0, dtype=torch.int64, device=device)  # only while exporting
+        run = length  # each pixel's run: read only while exporting
         if _eager_cpu(fg):
             # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
             pos = _flat_nonzero(fg.reshape(-1))
@@ -232,6 +229,10 @@ def _run_stats(
         run_sum = _reduce(torch.where(ok, values.to(torch.float64), 0.0), "sum", length, run)
         # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
         valid = _reduce(ok.to(torch.float32), "sum", length, run).to(torch.int64)
+    else:
+        valid = length
+        run_max = torch.empty(0, dtype=score_dtype, device=device)
+        run_sum = torch.empty(0, dtype=torch.float64, device=device)
 
     # Integer statistics, exact: per run, then per region by scatter.
     where = region.unsqueeze(1)
