@@ -10,7 +10,7 @@ import torch
 from tests._shapes import checkerboard, serpentine, spiral
 from torchdefects.components import connected_components
 from torchdefects.morphology import fill_holes
-from torchdefects.regions import region_stats, select_regions
+from torchdefects.regions import _label_regions, region_stats, select_regions
 
 
 class _Label(torch.nn.Module):
@@ -108,6 +108,19 @@ class _Stats(torch.nn.Module):
         return tuple(region_stats(labels, counts, amap))
 
 
+class _Both(torch.nn.Module):
+    def forward(self, mask, amap):
+        labels, counts = connected_components(mask, 8)
+        return (labels, counts, *region_stats(labels, counts, amap))
+
+
+class _Fused(torch.nn.Module):
+    # The head's path: labeling and statistics sharing the runs.
+    def forward(self, mask, amap):
+        labels, counts, regions = _label_regions(mask, 8, amap)
+        return (labels, counts, *regions)
+
+
 class _Select(torch.nn.Module):
     def forward(self, mask, amap):
         labels, counts = connected_components(mask, 8)
@@ -138,11 +151,13 @@ def test_exported_stats_and_selection_match_eager():
         warnings.simplefilter("ignore")
         programs = [
             (m, torch.export.export(m, example, dynamic_shapes=_dims() * 2).module())
-            for m in (_Stats(), _Select())
+            for m in (_Stats(), _Select(), _Fused())
         ]
     for masks, amap in _stats_cases():
         args = (torch.from_numpy(masks), torch.from_numpy(amap))
         for module, program in programs:
+            if isinstance(module, _Fused):
+                module = _Both()  # the same outputs from the public functions
             # Region scores: float64 sums by scatter while exporting, rounded to float32.
             _assert_same(program(*args), module(*args), exact_scores=False)
 
@@ -164,3 +179,22 @@ def test_onnx_region_stats_match_eager(tmp_path):
     for masks, amap in _stats_cases():
         got = session.run(None, dict(zip(names, (masks, amap))))
         _assert_same(got, _Stats()(torch.from_numpy(masks), torch.from_numpy(amap)), False)
+
+
+@pytest.mark.slow
+def test_onnx_fused_labeling_and_stats_match_eager(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    example = (torch.rand(2, 9, 11) < 0.5, torch.rand(2, 9, 11))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Fused(), example, dynamic_shapes=_dims() * 2, dynamo=True, verbose=False
+        )
+    path = tmp_path / "fused.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path))
+    names = [i.name for i in session.get_inputs()]
+    for masks, amap in _stats_cases():
+        got = session.run(None, dict(zip(names, (masks, amap))))
+        _assert_same(got, _Both()(torch.from_numpy(masks), torch.from_numpy(amap)), False)

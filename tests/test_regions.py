@@ -258,3 +258,55 @@ def test_nan_map_random_matches_nan_aware_reference():
         exp_mean = vals.astype(np.float64).mean() if vals.size else -np.inf
         assert regions.score_max[r].item() == exp_max
         np.testing.assert_allclose(regions.score_mean[r].item(), exp_mean, rtol=1e-6)
+
+
+def _fused_cases():
+    rng = np.random.default_rng(21)
+    for density in (0.02, 0.3, 0.59, 0.9):
+        yield f"random{density}", rng.random((3, 29, 37)) < density
+    for name, mask in adversarial_masks():
+        yield name, mask[None]
+    yield "empty_batch_image", np.stack([np.zeros((9, 7), bool), rng.random((9, 7)) < 0.5])
+
+
+def assert_same_regions(a: Regions, b: Regions):
+    for field, x, y in zip(Regions._fields, a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape, field
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=field)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("name_mask", list(_fused_cases()), ids=lambda p: p[0])
+def test_fused_labeling_and_stats_equal_the_public_functions(device, connectivity, name_mask):
+    # The head's path (_label_regions, one run listing) against connected_components +
+    # region_stats, whose oracles are SciPy and OpenCV above: bit-equal, with and without
+    # a map, with NaN pixels, eager and scripted.
+    from torchdefects.regions import _label_regions
+
+    _, masks = name_mask
+    rng = np.random.default_rng(5)
+    maps = rng.random(masks.shape).astype(np.float32)
+    maps[rng.random(masks.shape) < 0.1] = np.nan
+    mask_t = torch.from_numpy(masks).to(device)[:, None]
+    map_t = torch.from_numpy(maps).to(device)[:, None]
+    labels, counts = connected_components(mask_t, connectivity)
+    scripted = torch.jit.script(_label_regions)
+    for amap in (map_t, None):
+        ref = region_stats(labels, counts, amap)
+        for fn in (_label_regions, scripted):
+            got_labels, got_counts, got = fn(mask_t, connectivity, amap)
+            assert torch.equal(got_labels, labels) and torch.equal(got_counts, counts)
+            assert_same_regions(got, ref)
+
+
+def test_fused_labeling_bad_inputs():
+    from torchdefects.regions import _label_regions
+
+    with pytest.raises(ValueError, match="connectivity"):
+        _label_regions(torch.ones(1, 3, 3, dtype=torch.bool), 6)
+    with pytest.raises(ValueError, match="anomaly_map"):
+        _label_regions(torch.ones(1, 3, 3, dtype=torch.bool), 8, torch.zeros(1, 3, 4))
+    with pytest.raises(ValueError, match="mask"):
+        _label_regions(torch.ones(1, 2, 3, 3, dtype=torch.bool), 8)
+    labels, counts, regions = _label_regions(torch.zeros(0, 1, 4, 4, dtype=torch.bool))
+    assert labels.shape == (0, 1, 4, 4) and counts.shape == (0,) and regions.area.numel() == 0

@@ -37,16 +37,22 @@ def _eager_cpu(x: Tensor) -> bool:
     return False
 
 
-def _flat_nonzero(x: Tensor) -> Tensor:
+def _flat_nonzero(x: Tensor, columns: int = 1) -> Tensor:
     """Indices of the nonzero elements of a 1-D tensor, ascending, int64.
+
+    ``columns > 1`` returns them in rows of that many, :math:`(N / columns, columns)`
+    (one view instead of two).
 
     Eager CPU tensors go through NumPy's ``flatnonzero``, 3x to 9x faster than
     ``torch.nonzero`` on CPU (measured in docs/benchmarks.md); the result is the same.
     """
     if not torch.jit.is_scripting():  # noqa: SIM102
         if _eager_cpu(x):
-            return torch.from_numpy(np.flatnonzero(x.numpy()))
-    return torch.nonzero(x).view(-1)
+            idx = torch.from_numpy(np.flatnonzero(x.numpy()))
+            return idx if columns == 1 else idx.view(-1, columns)
+    if columns == 1:
+        return torch.nonzero(x).view(-1)
+    return torch.nonzero(x).view(-1, columns)
 
 
 class _Runs(NamedTuple):
@@ -73,16 +79,21 @@ def _row_runs(fg: Tensor, with_count: bool = True) -> _Runs:
     # A background column on each side makes every run start and end inside its row, so
     # the flat positions of the changes alternate start, end, start, end, ...
     padded = torch.nn.functional.pad(fg, [1, 1])
-    change = (padded[:, 1:] != padded[:, :-1]).view(-1)
-    flat = _flat_nonzero(change).view(-1, 2)
-    row = torch.div(flat[:, 0], w + 1, rounding_mode="floor")
-    bounds = flat - (row * (w + 1)).unsqueeze(1)
+    change = (padded.narrow(1, 1, w + 1) != padded.narrow(1, 0, w + 1)).view(-1)
+    pair = _flat_nonzero(change, 2)
+    # Start and end of a run lie in the same row of w + 1 changes.
+    row = torch.div(pair.select(1, 0), w + 1, rounding_mode="floor")
+    if _exporting():
+        # ONNX has no remainder by a symbolic scalar: subtract the row's offset instead.
+        start, end = (pair - (row * (w + 1)).unsqueeze(1)).unbind(1)
+    else:
+        start, end = torch.remainder(pair, w + 1).unbind(1)
     count = torch.empty(0, dtype=torch.int32, device=fg.device)
     if with_count:
         # int32 halves the traffic; a batch of 2**31 pixels or more needs int64.
         wide = change.shape[0] >= 2**31
         count = torch.cumsum(change, 0, dtype=torch.int64 if wide else torch.int32)
-    return _Runs(row, bounds[:, 0], bounds[:, 1], count)
+    return _Runs(row, start, end, count)
 
 
 def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:
@@ -90,12 +101,12 @@ def _paint(runs: _Runs, values: Tensor, width: int) -> Tensor:
 
     One gather from ``[0, v0, 0, v1, 0, ...]`` by the change count (odd on run ``i``'s
     pixels, even off the runs). Integer counts are exact: the same map on every device,
-    no host synchronization.
+    no host synchronization. The result is a view (rows of ``W + 1``, the last column
+    dropped): ``.view`` splits its rows, ``.reshape`` makes it contiguous.
     """
     table = values.new_zeros(2 * values.shape[0] + 1)
     table[1::2] = values
-    count = runs.count.view(-1, width + 1).narrow(1, 0, width)
-    return table.index_select(0, count.reshape(-1)).view(-1, width)
+    return table.index_select(0, runs.count).view(-1, width + 1).narrow(1, 0, width)
 
 
 def _owner(ends: Tensor, total: int) -> Tensor:

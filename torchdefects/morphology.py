@@ -4,19 +4,18 @@ Semantics are those of ``kornia.morphology`` with its default ``geodesic`` borde
 ``cv2.morphologyEx(m, op, np.ones((k, k), np.uint8))`` with OpenCV's default border: pixels
 outside the image are ignored (a window is clipped to the image). A flat square is separable,
 so each operation is a row pass then a column pass, and each pass is a running boolean OR
-(dilation) or AND (erosion) over shifted views of the mask padded with the neutral value. The
-window is built by doubling (1, 2, 4, ... then one last shift), so a pass costs
-``O(log k)`` whole-mask boolean operations.
+(dilation) or AND (erosion) over shifted views of the mask, padded once (both dimensions)
+with the neutral value. Windows up to 3 take one shift per offset; wider ones are built by
+doubling (1, 2, 4, ... then one last shift), so a pass costs ``O(log k)`` whole-mask boolean
+operations.
 """
-
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdefects._check import _as_bhw, _check_bool_mask
-from torchdefects._runs import _paint
+from torchdefects._check import _as_b1hw, _check_bool_mask
+from torchdefects._runs import _exporting, _paint
 from torchdefects.components import _components
 
 __all__ = ["closing", "dilation", "erosion", "fill_holes", "opening"]
@@ -27,14 +26,22 @@ def _check_ksize_arg(ksize: int) -> None:
         raise ValueError(f"ksize must be 0 or an odd integer >= 1, got {ksize}")
 
 
-def _window_pass(x: Tensor, ksize: int, dim: int, is_dilation: bool) -> Tensor:
-    """OR (dilation) or AND (erosion) over a centred ``ksize`` window along ``dim`` (-1 or -2)."""
-    n = x.shape[dim]
-    r = ksize // 2
-    pad = [r, r, 0, 0] if dim == -1 else [0, 0, r, r]
-    # The neutral value plays the part of "outside the image is ignored".
-    a = F.pad(x, pad, value=0.0 if is_dilation else 1.0)
-    length = n + 2 * r
+def _window_pass(a: Tensor, ksize: int, dim: int, n: int, is_dilation: bool) -> Tensor:
+    """OR (dilation) or AND (erosion) over ``ksize`` consecutive entries along ``dim``.
+
+    ``a`` holds ``n + ksize - 1`` entries along ``dim`` (the mask padded with the neutral
+    value); entry ``i`` of the result reduces entries ``i .. i + ksize - 1``.
+    """
+    if ksize <= 3:
+        # Small windows: one shifted view per offset costs fewer ops than doubling.
+        out = a.narrow(dim, 0, n)
+        for i in range(1, ksize):
+            if is_dilation:
+                out = out | a.narrow(dim, i, n)
+            else:
+                out = out & a.narrow(dim, i, n)
+        return out
+    length = n + ksize - 1
     s = 1
     # Invariant: a[i] reduces the padded mask over [i, i + s); a has length - s + 1 entries.
     while 2 * s <= ksize:
@@ -53,19 +60,29 @@ def _window_pass(x: Tensor, ksize: int, dim: int, is_dilation: bool) -> Tensor:
 
 
 def _square(x: Tensor, ksize: int, is_dilation: bool) -> Tensor:
-    if ksize <= 1 or x.shape[0] * x.shape[1] * x.shape[2] == 0:
+    """Reduce ``x`` (bool, ``(..., H, W)``) over a centred ``ksize`` square, outside ignored."""
+    height, width = x.shape[-2], x.shape[-1]
+    if ksize <= 1 or x.shape[0] * height * width == 0:
         return x.clone()
     # A window wider than twice the image covers the whole image from every pixel (the
     # outside is ignored), so every larger square gives the same result: clamp, and a
     # huge ksize costs no more than this one.
-    ksize = min(ksize, 2 * max(x.shape[1], x.shape[2]) + 1)
-    return _window_pass(_window_pass(x, ksize, -1, is_dilation), ksize, -2, is_dilation)
+    ksize = min(ksize, 2 * max(height, width) + 1)
+    r = ksize // 2
+    # One pad of both dimensions with the neutral value plays the part of "outside the
+    # image is ignored"; the row pass also runs over the padded rows (they stay neutral).
+    a = F.pad(x, [r, r, r, r], value=0.0 if is_dilation else 1.0)
+    a = _window_pass(a, ksize, -1, width, is_dilation)
+    return _window_pass(a, ksize, -2, height, is_dilation)
 
 
-def _prepare(mask: Tensor, ksize: int) -> Tuple[Tensor, int]:
+def _prepare(mask: Tensor, ksize: int) -> Tensor:
     _check_bool_mask(mask, "mask")
     _check_ksize_arg(ksize)
-    return _as_bhw(mask, "mask"), ksize
+    # Shape check only: the passes work on the last two dimensions of any batch shape,
+    # so the mask is used as it is (no squeeze, no reshape back).
+    _as_b1hw(mask, "mask")
+    return mask
 
 
 def dilation(mask: Tensor, ksize: int) -> Tensor:
@@ -78,8 +95,7 @@ def dilation(mask: Tensor, ksize: int) -> Tensor:
     Returns:
         bool tensor with the shape of ``mask``.
     """
-    x, k = _prepare(mask, ksize)
-    return _square(x, k, True).reshape(mask.shape)
+    return _square(_prepare(mask, ksize), ksize, True)
 
 
 def erosion(mask: Tensor, ksize: int) -> Tensor:
@@ -92,8 +108,7 @@ def erosion(mask: Tensor, ksize: int) -> Tensor:
     Returns:
         bool tensor with the shape of ``mask``.
     """
-    x, k = _prepare(mask, ksize)
-    return _square(x, k, False).reshape(mask.shape)
+    return _square(_prepare(mask, ksize), ksize, False)
 
 
 def opening(mask: Tensor, ksize: int) -> Tensor:
@@ -120,8 +135,8 @@ def opening(mask: Tensor, ksize: int) -> Tensor:
         >>> opening(m, 3).sum().item()
         9
     """
-    x, k = _prepare(mask, ksize)
-    return _square(_square(x, k, False), k, True).reshape(mask.shape)
+    x = _prepare(mask, ksize)
+    return _square(_square(x, ksize, False), ksize, True)
 
 
 def closing(mask: Tensor, ksize: int) -> Tensor:
@@ -147,8 +162,8 @@ def closing(mask: Tensor, ksize: int) -> Tensor:
         >>> closing(m, 3).all().item()
         True
     """
-    x, k = _prepare(mask, ksize)
-    return _square(_square(x, k, True), k, False).reshape(mask.shape)
+    x = _prepare(mask, ksize)
+    return _square(_square(x, ksize, True), ksize, False)
 
 
 def fill_holes(mask: Tensor) -> Tensor:
@@ -173,16 +188,21 @@ def fill_holes(mask: Tensor) -> Tensor:
         True
     """
     _check_bool_mask(mask, "mask")
-    x = _as_bhw(mask, "mask")
-    b, height, width = x.shape[0], x.shape[1], x.shape[2]
-    if b * height * width == 0:
+    _as_b1hw(mask, "mask")  # shape check; the mask is used in its own shape
+    height, width = mask.shape[-2], mask.shape[-1]
+    if mask.shape[0] * height * width == 0:
         return mask.clone()
-    runs, root = _components(~x, 4)
-    y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
-    on_border = (y == 0) | (y == height - 1) | (runs.start == 0) | (runs.end == width)
-    reaches_border = torch.zeros_like(root).scatter_reduce(
-        0, root, on_border.to(torch.int64), reduce="amax"
+    runs, root = _components(~mask, 4)
+    if _exporting():
+        y = runs.row - torch.div(runs.row, height, rounding_mode="floor") * height
+    else:
+        y = torch.remainder(runs.row, height)
+    # Distance of a run to the nearest image border (0: on the border), >= 0.
+    gap = torch.minimum(
+        torch.minimum(y, (height - 1) - y), torch.minimum(runs.start, width - runs.end)
     )
-    is_hole = reaches_border.index_select(0, root) == 0
-    filled = x | _paint(runs, is_hole, width).view(b, height, width)
-    return filled.reshape(mask.shape)
+    # Per component, its least gap, gathered at the root (a root is among its own
+    # members; other entries are never read).
+    least = gap.scatter_reduce(0, root, gap, reduce="amin")
+    is_hole = least.index_select(0, root) > 0
+    return mask | _paint(runs, is_hole, width).view(mask.shape)
