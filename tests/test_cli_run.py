@@ -649,3 +649,53 @@ def test_max_pixels_cap_is_an_error_record(tmp_path, capsys):
     assert "defects" in recs["small.npy"]
     assert main([*args[:-1], "0", "--overwrite"]) == 2
     assert "--max-pixels must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_exported_detector_and_head_round_trip(tmp_path, capsys):
+    """export --detector keeps the detector's preprocess.json and its outputs carry no
+    grad_fn; run --detector on the exported file uses its embedded config, and settings
+    passed beside it are a usage error."""
+    from PIL import Image
+
+    from torchdefects.export import PREPROCESS_EXTRA_FILE, load_scripted
+
+    class Det(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))  # requires grad
+
+        def forward(self, x):
+            return {"anomaly_map": x.mean(1, keepdim=True) * self.w}
+
+    det_path = tmp_path / "det.pt"
+    prep = {"input_size": [12, 10], "mean": None, "std": None, "center_crop": False}
+    torch.jit.save(torch.jit.script(Det()), str(det_path),
+                   _extra_files={PREPROCESS_EXTRA_FILE: json.dumps(prep)})  # fmt: skip
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"defects": {"pixel_threshold": 0.6, "min_area": 2}}))
+    exported = tmp_path / "full.pt"
+    assert main(["export", "--config", str(cfg), "--detector", str(det_path),
+                 "--map-output", "anomaly_map", "-o", str(exported)]) == 0  # fmt: skip
+    extra = {PREPROCESS_EXTRA_FILE: ""}
+    model = torch.jit.load(str(exported), _extra_files=extra)
+    assert json.loads(extra[PREPROCESS_EXTRA_FILE]) == prep
+    out = model(torch.rand(2, 3, 12, 10))
+    assert all(not t.requires_grad for t in (out.mask, out.regions.score_max, out.image_score))
+    assert load_scripted(str(exported))[1]["config"]["pixel_threshold"] == 0.6
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    run = ["run", "--images", str(imgs), "--detector", str(exported), "--out",
+           str(tmp_path / "o1"), "--quiet"]  # fmt: skip
+    assert main(run) == 0
+    recs = _recs(tmp_path / "o1")
+    assert [r["defects"]["pixel_threshold"] for r in recs] == [0.6, 0.6]
+    assert recs[0]["defects"]["space"]["to_image"]["image_size"] == [24, 20]  # resized to 12x10
+    assert recs[0]["anomaly_map"]["shape"] == [12, 10]
+    bad = [*run[:-2], str(tmp_path / "o2"), "--quiet", "--pixel-threshold", "0.3"]
+    assert main(bad) == 2
+    assert "already holds a DefectHead" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -130,6 +130,12 @@ class _AttachedTensor(nn.Module):
         )
 
     def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Any:
+        # Defects are decisions, not gradients: no autograd graph behind the outputs.
+        with torch.no_grad():
+            result = self._run(images, pixel_threshold)
+        return result
+
+    def _run(self, images: Tensor, pixel_threshold: Optional[Tensor]) -> Any:
         out = self.detector(images)
         if torch.jit.is_scripting():
             return self.head(out, pixel_threshold, None)
@@ -157,6 +163,12 @@ class _AttachedIndex(nn.Module):
         return self.head(_pick_map(out, self.index), pixel_threshold, score)
 
     def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Any:
+        # Defects are decisions, not gradients: no autograd graph behind the outputs.
+        with torch.no_grad():
+            result = self._run(images, pixel_threshold)
+        return result
+
+    def _run(self, images: Tensor, pixel_threshold: Optional[Tensor]) -> Any:
         out = self.detector(images)
         if torch.jit.is_scripting():
             if isinstance(out, Tensor):
@@ -195,6 +207,12 @@ class _AttachedKey(nn.Module):
         return self.head(_pick_map(out, self.key), pixel_threshold, score)
 
     def forward(self, images: Tensor, pixel_threshold: Optional[Tensor] = None) -> Any:
+        # Defects are decisions, not gradients: no autograd graph behind the outputs.
+        with torch.no_grad():
+            result = self._run(images, pixel_threshold)
+        return result
+
+    def _run(self, images: Tensor, pixel_threshold: Optional[Tensor]) -> Any:
         out = self.detector(images)
         if torch.jit.is_scripting():
             score: Optional[Tensor] = None

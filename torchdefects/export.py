@@ -82,6 +82,7 @@ def save_scripted(
     path: Union[str, "os.PathLike[str]"],
     config: Union[DefectsConfig, Dict[str, Any], None] = None,
     provenance: Optional[Dict[str, Any]] = None,
+    extra_files: Optional[Dict[str, str]] = None,
 ) -> torch.jit.ScriptModule:
     """Script ``module`` (if it is not already) and save it with config and provenance inside.
 
@@ -95,6 +96,7 @@ def save_scripted(
             ``explicit``, ``config``, ``calibration``; default: the config's
             ``pixel_threshold_provenance``, else ``{"source": "config"}`` when the config has a
             threshold, else ``null``.
+        extra_files: more extra files to carry (a detector's ``torchdefects/preprocess.json``).
 
     Returns:
         the scripted module that was saved.
@@ -111,7 +113,9 @@ def save_scripted(
     provenance = _provenance(cfg, provenance)
     scripted = module if isinstance(module, torch.jit.ScriptModule) else torch.jit.script(module)
 
-    torch.jit.save(scripted, os.fspath(path), _extra_files=_extra_files(cfg, provenance))
+    files = dict(extra_files or {})
+    files.update(_extra_files(cfg, provenance))
+    torch.jit.save(scripted, os.fspath(path), _extra_files=files)
     return scripted
 
 
@@ -514,6 +518,20 @@ def _detector_example(detector: nn.Module, shape: Optional[Sequence[int]]) -> Op
     return None
 
 
+#: The extra file a detector file carries its preprocessing in (``torchdefects demo``).
+PREPROCESS_EXTRA_FILE = "torchdefects/preprocess.json"
+
+
+def _scripted_extra(path: str, name: str) -> Dict[str, str]:
+    """``{name: text}`` when the TorchScript file at ``path`` carries that extra file."""
+    extra = {name: ""}
+    torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    text = extra[name]
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    return {name: text} if text else {}
+
+
 def _check_map_output(out: Any, map_output: Union[int, str, None]) -> None:
     """``--map-output`` against what the detector returns, in the words ``run`` uses."""
     try:
@@ -634,10 +652,19 @@ def export_from_config(
     what = "DefectHead" if det is None else "detector + DefectHead"
     if fmt == "torchscript":
         module: nn.Module = DefectHead(cfg)
+        carried: Dict[str, str] = {}
         if det is not None:
             _check_scripted_output(det, map_output)
             module = attach(det, module, output=map_output)
-        save_scripted(module, output, config=cfg, provenance=cfg.pixel_threshold_provenance)
+            # The detector's preprocessing travels with it (run reads it back).
+            carried = _scripted_extra(os.fspath(detector), PREPROCESS_EXTRA_FILE)
+        save_scripted(
+            module,
+            output,
+            config=cfg,
+            provenance=cfg.pixel_threshold_provenance,
+            extra_files=carried,
+        )
     else:
         example = None if det is None else _detector_example(det, example_shape)
         if det is not None and example is None:

@@ -127,7 +127,7 @@ class Compute:
         det_score = None
         if plan.detector is not None:
             out = plan.detector(x)
-            maps = maps_of(out, opts.map_output, x.shape[0])
+            maps = maps_of(out, plan.map_output, x.shape[0])
             # The detector's own image score (anomalib's pred_score), as attach finds it.
             det_score = _pick_score(out, None, auto=True)
         else:

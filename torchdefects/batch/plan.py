@@ -22,13 +22,10 @@ from torchdefects.batch.compute import maps_of
 from torchdefects.batch.data import InputDataset, list_run_inputs, output_names
 from torchdefects.batch.options import RunOptions, RunUsageError
 from torchdefects.config import DefectsConfig
+from torchdefects.export import EXTRA_FILES, PREPROCESS_EXTRA_FILE
 from torchdefects.geometry import Preprocess
 
 __all__ = ["PREPROCESS_EXTRA_FILE", "Plan", "make_plan", "settings", "versions"]
-
-#: Extra file of a TorchScript detector with its preprocessing (``input_size``, ``mean``,
-#: ``std``, ``center_crop``); flags override it.
-PREPROCESS_EXTRA_FILE = "torchdefects/preprocess.json"
 
 
 @dataclasses.dataclass
@@ -48,6 +45,7 @@ class Plan:
     device: torch.device
     detector: Any
     prep: Optional[Preprocess]
+    map_output: Any = None  # --map-output, or the one baked into an exported detector + head
 
 
 def _check_options(opts: RunOptions) -> None:
@@ -177,7 +175,7 @@ def _calibrate_inline(
         q = getattr(cfg, "pixel_normal_quantile", None)
     load = None
     if detector is not None:
-        load = image_map_loader(paths, detector, prep, opts.map_output, device)
+        load = image_map_loader(paths, detector, prep, opts.map_output, device)  # no embedded
     try:
         res = calibrate_maps(
             paths, q=q, roi_xyxy_norm=cfg.roi_xyxy_norm, device=device, load=load,
@@ -224,15 +222,30 @@ def load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]
             raise RunUsageError(f"--detector {path}: {e}") from e
         except Exception as e:  # onnxruntime's own errors: a file it cannot load
             raise RunUsageError(f"--detector {path}: cannot load ONNX: {e}") from e
-    extra = {PREPROCESS_EXTRA_FILE: ""}
+    extra = {PREPROCESS_EXTRA_FILE: "", EXTRA_FILES["config"]: "", EXTRA_FILES["provenance"]: ""}
     try:
         det = torch.jit.load(path, map_location=device, _extra_files=extra)
     except Exception as e:
         raise RunUsageError(f"--detector {path}: cannot load TorchScript: {e}") from e
     meta: Dict[str, Any] = {}
+    if extra[EXTRA_FILES["config"]]:
+        # A file from `torchdefects export --detector`: run its detector with its config.
+        if not hasattr(det, "detector"):
+            raise RunUsageError(
+                f"--detector {path} holds a DefectHead but no detector: run it on --maps"
+            )
+        map_output = getattr(det, "key", None)
+        if map_output is None and hasattr(det, "index"):
+            map_output = int(det.index)
+        meta["embedded"] = {
+            "config": json.loads(extra[EXTRA_FILES["config"]]),
+            "provenance": json.loads(extra[EXTRA_FILES["provenance"]] or "null"),
+            "map_output": map_output,
+        }
+        det = det.detector
     if extra[PREPROCESS_EXTRA_FILE]:
         try:
-            meta = json.loads(extra[PREPROCESS_EXTRA_FILE])
+            meta.update(json.loads(extra[PREPROCESS_EXTRA_FILE]))
         except ValueError as e:
             raise RunUsageError(f"--detector {path}: bad {PREPROCESS_EXTRA_FILE}: {e}") from e
     det.eval()
@@ -271,18 +284,47 @@ def make_plan(opts: RunOptions, r: dist.Ranks) -> Plan:
     except ValueError as e:
         raise RunUsageError(str(e)) from e
     detector = prep = None
+    map_output = opts.map_output
+    embedded = None
     if kind == "images":
         assert opts.detector is not None
         detector, meta = load_detector(opts.detector, device)
         prep = preprocess_from(meta, opts.input_size, opts.mean, opts.std, opts.center_crop)
+        embedded = meta.get("embedded")
     enabled = opts.defects if opts.defects is not None else getattr(cfg, "enabled", True)
     threshold = provenance = None
-    if enabled:
+    if embedded is not None:
+        cfg, map_output = _adopt_embedded(opts, embedded)
+        threshold, provenance = cfg.pixel_threshold, embedded["provenance"]
+    elif enabled:
         threshold, provenance = _threshold(opts, cfg, device, detector, prep)
         cfg = dataclasses.replace(cfg, pixel_threshold=threshold)
     names = output_names(paths, root)
     return Plan(kind, paths, names, cfg, bool(enabled), threshold, provenance,
-                 mask_format, mask_dir, overlay_dir, device, detector, prep)  # fmt: skip
+                 mask_format, mask_dir, overlay_dir, device, detector, prep,
+                 map_output)  # fmt: skip
+
+
+#: Flags that set what an exported detector + head file already fixes.
+_EMBEDDED_CLASH = ("config", "category", "pixel_threshold", "pixel_threshold_strategy",
+                   "pixel_normal_quantile", "train_dir", "map_output")  # fmt: skip
+
+
+def _adopt_embedded(opts: RunOptions, embedded: Dict[str, Any]) -> Tuple[DefectsConfig, Any]:
+    """The config and map output of a detector file that already holds a DefectHead."""
+    given = [f"--{n.replace('_', '-')}" for n in _EMBEDDED_CLASH if getattr(opts, n) is not None]
+    given += [f"--{n.replace('_', '-')}" for n in opts.overrides]
+    if given:
+        raise RunUsageError(
+            f"--detector {opts.detector} already holds a DefectHead with its config; "
+            f"{', '.join(given)} would contradict it: drop them (or export the detector alone)"
+        )
+    cfg = DefectsConfig(**embedded["config"])
+    if cfg.pixel_threshold is None:
+        raise RunUsageError(
+            f"--detector {opts.detector}: its embedded config has no pixel_threshold"
+        )
+    return cfg, embedded["map_output"]
 
 
 def settings(opts: RunOptions, plan: Plan) -> Dict[str, Any]:
