@@ -244,3 +244,41 @@ def test_demo_worked_example(tmp_path):
     assert m["images"] == 6 and m["defective_images"] == 4
     assert m["pixel_auroc"] > 0.9 and m["region"]["recall"] is not None
     assert r["inputs"]["unused_gt_masks"] == []
+
+
+def test_evaluate_images_through_a_detector(tmp_path):
+    """evaluate --images --detector: the same metrics as evaluating the detector's maps."""
+    from PIL import Image
+
+    from torchdefects.cli import main
+
+    class Det(torch.nn.Module):
+        def forward(self, x):
+            return {"anomaly_map": x.mean(1, keepdim=True)}
+
+    det = tmp_path / "det.pt"
+    torch.jit.save(torch.jit.script(Det()), str(det))
+    imgs, maps, gt = tmp_path / "imgs", tmp_path / "maps", tmp_path / "gt"
+    for d in (imgs, maps, gt):
+        d.mkdir()
+    rng = np.random.default_rng(8)
+    for i in range(4):
+        u8 = rng.integers(0, 120, (16, 14, 3), dtype=np.uint8)
+        if i % 2:
+            u8[4:9, 3:8] = 230
+            mask = np.zeros((16, 14), np.uint8)
+            mask[4:9, 3:8] = 255
+            Image.fromarray(mask).save(gt / f"p{i}.png")
+        Image.fromarray(u8).save(imgs / f"p{i}.png")
+        x = torch.from_numpy(u8.copy()).permute(2, 0, 1)[None].float() / 255.0
+        np.save(maps / f"p{i}.npy", Det()(x)["anomaly_map"][0, 0].numpy())
+    cfg = tmp_path / "cfg.json"
+    save_config(DefectsConfig(pixel_threshold=0.6, min_area=2), str(cfg))
+    common = ["--gt-masks", str(gt), "--config", str(cfg), "--quiet"]
+    assert main(["evaluate", "--images", str(imgs), "--detector", str(det), "--map-output",
+                 "anomaly_map", "-o", str(tmp_path / "e1"), *common]) == 0  # fmt: skip
+    assert main(["evaluate", "--maps", str(maps), "-o", str(tmp_path / "e2"), *common]) == 0
+    got = json.loads((tmp_path / "e1" / "metrics.json").read_text())["metrics"]
+    want = json.loads((tmp_path / "e2" / "metrics.json").read_text())["metrics"]
+    assert got == want
+    assert main(["evaluate", "--images", str(imgs), "-o", str(tmp_path / "e3"), *common]) == 2

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -65,13 +65,14 @@ def _stem(path: str, root: str) -> str:
 
 
 def pair_ground_truth(
-    maps: str, gt_masks: Optional[str]
+    maps: str, gt_masks: Optional[str], extensions: Optional[Sequence[str]] = None
 ) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
     """Pair every map with its ground-truth mask by file stem.
 
     Args:
         maps: folder (recursive), glob or file of anomaly maps.
         gt_masks: folder of masks (PNG or ``.npy``), or ``None`` (every part normal).
+        extensions: the inputs' extensions (default: maps'; images' for ``--images``).
 
     Returns:
         ``(pairs, unused)``: ``(map_path, mask_path or None)`` in map path order, and the
@@ -81,7 +82,7 @@ def pair_ground_truth(
         FileNotFoundError: no map, or ``gt_masks`` is not a folder.
         ValueError: two masks share a stem (``a.png`` and ``a.npy``).
     """
-    paths = _files.list_inputs(maps, _files.MAP_EXTENSIONS)
+    paths = _files.list_inputs(maps, extensions or _files.MAP_EXTENSIONS)
     root = _files.input_root(maps)
     if gt_masks is None:
         return [(p, None) for p in paths], []
@@ -140,13 +141,18 @@ def read_gt_mask(path: Optional[str], shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(mask)
 
 
-def _batches(pairs: List[Tuple[str, Optional[str]]], batch_size: int) -> Any:
-    """Yield (maps, masks, paths) batches of equal-shape maps, in order."""
+def _batches(
+    pairs: List[Tuple[str, Optional[str]]],
+    batch_size: int,
+    load: Optional[Callable[[str], np.ndarray]] = None,
+) -> Any:
+    """Yield (maps, masks, paths) batches of equal-shape maps, in order; ``load`` turns an
+    input path into its map (default: read the map file)."""
     maps: List[np.ndarray] = []
     gts: List[np.ndarray] = []
     names: List[str] = []
     for path, gt in pairs:
-        m = _files.read_map(path)
+        m = _files.read_map(path) if load is None else load(path)
         g = read_gt_mask(gt, m.shape)
         if maps and (maps[0].shape != m.shape or len(maps) >= batch_size):
             yield np.stack(maps), np.stack(gts), names
@@ -204,6 +210,8 @@ def evaluate_dir(
     bins: Optional[int] = None,
     batch_size: int = 16,
     device: str = "cpu",
+    load: Optional[Callable[[str], np.ndarray]] = None,
+    extensions: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Evaluate a folder of maps against ground-truth masks.
 
@@ -220,6 +228,8 @@ def evaluate_dir(
         fpr_limit, bins: see :class:`~torchdefects.DefectMetrics`.
         batch_size: maps per batch.
         device: where the metrics run.
+        load, extensions: inputs that are not map files, such as images scored by a
+            detector (``evaluate --images --detector``): ``load(path) -> (H, W) map``.
 
     Returns:
         the ``metrics.json`` content: ``metrics`` (see :meth:`DefectMetrics.compute`),
@@ -235,10 +245,10 @@ def evaluate_dir(
         raise ValueError(f"sweep must be an int >= 0, got {sweep!r}")
     cfg = _load(config, category)
     dev = check_device(str(device))
-    pairs, unused = pair_ground_truth(maps, gt_masks)
+    pairs, unused = pair_ground_truth(maps, gt_masks, extensions)
     metrics = DefectMetrics(cfg, fpr_limit=fpr_limit, bins=bins)
     t0 = time.perf_counter()
-    for m, g, _ in _batches(pairs, batch_size):
+    for m, g, _ in _batches(pairs, batch_size, load):
         metrics.update(torch.from_numpy(m).to(dev), torch.from_numpy(g).to(dev))
     result: Dict[str, Any] = {
         "metrics": metrics.compute(),
@@ -264,7 +274,7 @@ def evaluate_dir(
         runs = [
             DefectMetrics(replace(cfg, pixel_threshold=t), threshold_free=False) for t in thresholds
         ]
-        for m, g, _ in _batches(pairs, batch_size):
+        for m, g, _ in _batches(pairs, batch_size, load):
             x, y = torch.from_numpy(m).to(dev), torch.from_numpy(g).to(dev)
             for run in runs:
                 run.update(x, y)
@@ -576,8 +586,16 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
             "alarms, image AUROC and F1; writes OUT/metrics.json. See docs/evaluation.md."
         ),
     )
-    g = p.add_argument_group("inputs")
-    g.add_argument("--maps", required=True, help="folder (recursive), glob or file of maps")
+    g = p.add_argument_group("inputs (--maps, or --images with --detector)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--maps", help="folder (recursive), glob or file of maps")
+    src.add_argument("--images", help="images scored by --detector (as torchdefects run)")
+    g.add_argument("--detector", metavar="MODEL", help="TorchScript or ONNX detector")
+    g.add_argument("--map-output", metavar="INDEX_OR_KEY", help="the map among its outputs")
+    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="as for run")
+    g.add_argument("--mean", nargs="+", type=float, help="as for run")
+    g.add_argument("--std", nargs="+", type=float, help="as for run")
+    g.add_argument("--center-crop", action="store_true", default=None, help="as for run")
     g.add_argument("--gt-masks", metavar="DIR", help="ground-truth masks (PNG 0/255 or .npy)")
     g.add_argument("--config", help="config file (default: threshold-free metrics only)")
     g.add_argument("--category", metavar="NAME", help="the config's category")
@@ -606,13 +624,40 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _image_inputs(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """``(load, extensions)`` for ``--images --detector``; ``(None, None)`` for maps."""
+    image_flags = ("detector", "map_output", "input_size", "mean", "std", "center_crop")
+    if args.images is None:
+        used = [f for f in image_flags if getattr(args, f) is not None]
+        if used:
+            raise ValueError(f"--{used[0].replace('_', '-')} goes with --images")
+        return None, None
+    if args.detector is None:
+        raise ValueError("--images needs --detector MODEL to turn images into maps")
+    from torchdefects.batch.options import RunUsageError
+    from torchdefects.batch.plan import image_map_loader, load_detector, preprocess_from
+
+    paths = _files.list_inputs(args.images, _files.IMAGE_EXTENSIONS)
+    dev = check_device(str(args.device))
+    try:
+        detector, meta = load_detector(args.detector, dev)
+        prep = preprocess_from(meta, args.input_size, args.mean, args.std, args.center_crop)
+    except RunUsageError as e:
+        raise ValueError(str(e)) from e
+    key = args.map_output
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)
+    return image_map_loader(paths, detector, prep, key, dev), _files.IMAGE_EXTENSIONS
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from torchdefects.config import ConfigError
 
     prog = "torchdefects evaluate"
     try:
+        load, extensions = _image_inputs(args)
         result = evaluate_dir(
-            args.maps,
+            args.maps if args.images is None else args.images,
             args.gt_masks,
             config=args.config,
             category=args.category,
@@ -622,6 +667,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             bins=args.bins,
             batch_size=args.batch_size,
             device=args.device,
+            load=load,
+            extensions=extensions,
         )
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
