@@ -89,18 +89,6 @@ LEGACY_PROVENANCE_SOURCES = ("config", "calibration")
 #: A field's sub-settings (``hysteresis_low``, ``map_smoothing_ksize`` ...) are inert while
 #: its switch here is neutral, so they are validated but accepted. The toolbox empties this.
 UNSUPPORTED_UNTIL_IMPLEMENTED: Dict[str, Any] = {
-    "border_ignore_px": 0,
-    "map_smoothing_method": "none",
-    "hysteresis_enabled": False,
-    "merge_nearby_enabled": False,
-    "mask_dilate_ksize": 0,
-    "max_regions_sort_by": "score_max",
-    "min_score_max": None,
-    "min_score_mean": None,
-    "min_fill_ratio": None,
-    "max_aspect_ratio": None,
-    "min_solidity": None,
-    "min_score_max_quantile": None,
     "mask_space": "roi",
 }
 
