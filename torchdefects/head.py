@@ -323,7 +323,7 @@ class DefectHead(nn.Module):
             or config.min_fill_ratio is not None
             or config.max_aspect_ratio is not None
             or config.min_solidity is not None
-            or config.merge_nearby_enabled
+            or self.merge
             or config.min_score_max_quantile is not None
             or config.max_regions_sort_by != "score_max"
         )
