@@ -270,3 +270,139 @@ def test_every_toolbox_field_is_supported():
         set(UNSUPPORTED_UNTIL_IMPLEMENTED) <= {"mask_space"}
         and set(UNSUPPORTED_UNTIL_IMPLEMENTED) <= names
     )
+
+
+# ----------------------------------------------------------------------------------------
+# StaticDefectHead (the export path)
+# ----------------------------------------------------------------------------------------
+
+STATIC = dict(
+    border_ignore_px=2,
+    map_smoothing_method="gaussian",
+    map_smoothing_ksize=5,
+    hysteresis_enabled=True,
+    hysteresis_low=0.5,
+    open_ksize=3,
+    mask_dilate_ksize=3,
+    min_area=2,
+    min_score_max=0.62,
+    min_score_mean=0.52,
+    min_fill_ratio=0.2,
+    max_aspect_ratio=6.0,
+    max_regions=6,
+)
+STATIC_CASES = [
+    STATIC,
+    dict(STATIC, map_smoothing_method="median", hysteresis_enabled=False, fill_holes=True),
+    dict(map_smoothing_method="box", map_smoothing_ksize=3, min_score_mean=0.55, max_regions=4),
+]
+
+
+@pytest.mark.parametrize("kw", STATIC_CASES, ids=range(len(STATIC_CASES)))
+def test_static_traced_forward_equals_dynamic_head(kw):
+    x = _maps(len(str(kw)) + 5)
+    head = DefectHead(_cfg(kw), static_output=True)
+    want = head(x)  # eager: the dynamic head's stages, padded
+    got = head._forward_static(x)  # what torch.export traces
+    assert int(want.num_regions.sum()) > 0
+    for name, w in want._asdict().items():
+        g = getattr(got, name)
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1.2e-7, atol=0, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(g, w), name
+    dyn = DefectHead(_cfg(kw))(x)
+    assert torch.equal(want.labels, dyn.labels) and torch.equal(want.num_regions, dyn.num_regions)
+
+
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(min_solidity=0.5), "min_solidity=0.5"),
+        (dict(merge_nearby_enabled=True, merge_nearby_max_gap_px=2), "merge_nearby_enabled=true"),
+        (dict(min_score_max_quantile=0.5), "min_score_max_quantile=0.5"),
+        (dict(max_regions_sort_by="area"), 'max_regions_sort_by="area"'),
+    ],
+)
+def test_static_head_rejects_stages_it_cannot_trace(kw, name):
+    with pytest.raises(ValueError, match="is not supported in exported heads") as e:
+        DefectHead(_cfg(dict(kw, max_regions=3)), static_output=True)
+    assert str(e.value).startswith(name)
+
+
+def test_static_head_exports_with_toolbox_stages(tmp_path):
+    from torchdefects.export import export_pt2, load_pt2
+
+    head = DefectHead(_cfg(STATIC), static_output=True)
+    export_pt2(head, tmp_path / "head.pt2")
+    module, _ = load_pt2(tmp_path / "head.pt2")
+    x = _maps(21, b=2, h=40, w=52)
+    got, want = module(x), head(x)
+    assert int(want.num_regions.sum()) > 0
+    for name, w in want._asdict().items():
+        g = got[name]
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1.2e-7, atol=0, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(g, w), name
+
+
+# ----------------------------------------------------------------------------------------
+# The run: CLI flags from the config fields, records with the shape statistics
+# ----------------------------------------------------------------------------------------
+
+
+def test_run_records_toolbox_fields(tmp_path):
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from torchdefects.batch.records import record_schema
+    from torchdefects.cli import main
+
+    x = _maps(31, b=2)
+    for i in range(2):
+        np.save(tmp_path / f"m{i}.npy", x[i, 0].numpy())
+    out = tmp_path / "out"
+    flags = ["--defect-map-smoothing", "gaussian", "--defect-map-smoothing-ksize", "3",
+             "--defect-merge-nearby", "--defect-merge-nearby-max-gap-px", "3",
+             "--defect-min-solidity", "0.1", "--defect-max-regions-sort-by", "area"]  # fmt: skip
+    args = ["run", "--maps", str(tmp_path / "m*.npy"), "--out", str(out), "--quiet"]
+    assert main([*args, "--pixel-threshold", str(THR), *flags]) == 0
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    validator = jsonschema.Draft202012Validator(record_schema())
+    cfg = _cfg(dict(map_smoothing_method="gaussian", map_smoothing_ksize=3, min_solidity=0.1,
+                    merge_nearby_enabled=True, merge_nearby_max_gap_px=3,
+                    max_regions_sort_by="area"))  # fmt: skip
+    want = DefectHead(cfg)(x)
+    shape = shape_stats(want.regions)
+    row = 0
+    for b, rec in enumerate(sorted(recs, key=lambda r: r["index"])):
+        validator.validate(rec)
+        regs = rec["defects"]["regions"]
+        assert len(regs) == int(want.num_regions[b]) > 0
+        for reg in regs:
+            assert reg["id"] == int(want.regions.label[row])
+            assert reg["bbox_area"] == int(shape.bbox_area[row])
+            assert reg["fill_ratio"] == float(shape.fill_ratio[row])
+            assert reg["aspect_ratio"] == float(shape.aspect_ratio[row])
+            sol = float(want.solidity[row])
+            assert reg["solidity"] == (None if sol != sol else sol)
+            ids = want.merged_from[want.merged_from[:, 0] == row, 1].tolist()
+            assert reg["merged_from_ids"] == ids and reg["id"] == ids[0]
+            row += 1
+    assert any(len(r["merged_from_ids"]) > 1 for rec in recs for r in rec["defects"]["regions"])
+
+
+def test_extract_defects_passes_the_toolbox_options():
+    from torchdefects.extract import extract_defects
+
+    x = _maps(41, b=1)
+    kw = dict(map_smoothing_method="box", map_smoothing_ksize=3, min_solidity=0.1,
+              merge_nearby_enabled=True, merge_nearby_max_gap_px=3)  # fmt: skip
+    got = extract_defects(x[0, 0].numpy(), pixel_threshold=THR, **kw)
+    want = DefectHead(_cfg(kw))(x)
+    assert [r["id"] for r in got["regions"]] == want.regions.label.tolist()
+    for i, r in enumerate(got["regions"]):
+        sol = float(want.solidity[i])
+        assert r["solidity"] == (None if sol != sol else sol)
+        assert r["merged_from_ids"] == want.merged_from[want.merged_from[:, 0] == i, 1].tolist()

@@ -574,6 +574,21 @@ class StaticDefectHead(DefectHead):
         super().__init__(config, static_output=True)
         assert config.max_regions is not None
         self.capacity = config.max_regions
+        # The traced static forward (torch.export, ONNX) runs the map conditioning, hysteresis,
+        # dilation and the score and shape filters; these stages have no static form yet.
+        for name, value, neutral in (
+            ("min_solidity", config.min_solidity, None),
+            ("merge_nearby_enabled", self.merge, False),
+            ("min_score_max_quantile", config.min_score_max_quantile, None),
+            ("max_regions_sort_by", config.max_regions_sort_by, "score_max"),
+        ):
+            if value != neutral:
+                shown = config.merge_nearby_enabled if name == "merge_nearby_enabled" else value
+                raise ValueError(
+                    f"{name}={json.dumps(shown)} is not supported in exported heads "
+                    f"(static_output=True) yet; use the dynamic DefectHead or set it to "
+                    f"{json.dumps(neutral)}"
+                )
 
     def forward(  # type: ignore[override]
         self,
@@ -623,7 +638,10 @@ class StaticDefectHead(DefectHead):
         ``score_mean`` sums in another order, so equal to float32 rounding).
         """
         x, xc, allowed, thr, labels, _ = self._labels(anomaly_map, pixel_threshold)
-        out = _static_regions(labels, x, self.min_area, self.capacity)
+        filters = (self.min_score_max, self.min_score_mean, self.min_fill_ratio)
+        out = _static_regions(
+            labels, x, self.min_area, self.capacity, filters + (self.max_aspect_ratio,)
+        )
         labels_kept, num_regions, boxes, area, label, centroid, score_max, score_mean = out
         roi_max, roi_mean, score, image_label = self._image(xc, allowed, num_regions, image_score)
         return StaticDefects(
@@ -645,7 +663,16 @@ class StaticDefectHead(DefectHead):
 
 
 def _static_regions(
-    labels: Tensor, anomaly_map: Tensor, min_area: int, capacity: int
+    labels: Tensor,
+    anomaly_map: Tensor,
+    min_area: int,
+    capacity: int,
+    filters: Tuple[Optional[float], Optional[float], Optional[float], Optional[float]] = (
+        None,
+        None,
+        None,
+        None,
+    ),
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Region stats and selection with static shapes (see ``StaticDefectHead._forward_static``).
 
@@ -689,6 +716,20 @@ def _static_regions(
     col = torch.arange(width, device=device).unsqueeze(0)
     area2 = area.view(b, width)
     valid = (area2 >= max(min_area, 1)) & (col > 0)
+    # region_keep's filters (pyimgano's strict comparisons), on the table.
+    min_score_max, min_score_mean, min_fill_ratio, max_aspect_ratio = filters
+    if min_score_max is not None:
+        valid = valid & ~(smax.view(b, width) < min_score_max)
+    if min_score_mean is not None:
+        mean = ssum / area.to(torch.float64).clamp(min=1)
+        valid = valid & ~(mean.to(score_dtype).view(b, width) < min_score_mean)
+    if min_fill_ratio is not None or max_aspect_ratio is not None:
+        bw = (x2 - x1 + 1).to(torch.float64).view(b, width)
+        bh = (y2 - y1 + 1).to(torch.float64).view(b, width)
+        if min_fill_ratio is not None:
+            valid = valid & ~(area2.to(torch.float64) / (bw * bh) < min_fill_ratio)
+        if max_aspect_ratio is not None:
+            valid = valid & ~(torch.maximum(bw / bh, bh / bw) > max_aspect_ratio)
     # Selection, K rounds of "the best left": score_max desc, then area desc, then label asc.
     # ``tie`` is unique per column and orders area desc, label asc, so each round's argmax
     # is exact; no sort (ONNX has no stable sort) and K small static loops.
