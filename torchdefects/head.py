@@ -158,6 +158,20 @@ class _HeadOut(NamedTuple):
     merged_from: Optional[Tensor]
 
 
+def _keep_labels(labels: Tensor, kept: Regions) -> Tensor:
+    """The label map with only the pixels whose ``(image, label)`` is a row of ``kept``.
+
+    One gather through a table over every (image, label) pair (``select_regions``' relabel).
+    """
+    b, h, w = labels.shape[0], labels.shape[2], labels.shape[3]
+    width = h * w + 1
+    key_dtype = labels.dtype if b * width < 2**31 else torch.int64
+    table = torch.zeros(b * width, dtype=labels.dtype, device=labels.device)
+    table = table.index_put((kept.batch_index * width + kept.label,), kept.label.to(labels.dtype))
+    base = (torch.arange(b, device=labels.device) * width).to(key_dtype).view(b, 1, 1, 1)
+    return table.index_select(0, (labels.to(key_dtype) + base).reshape(-1)).view(labels.shape)
+
+
 def _merged_pairs(merged_into: Tensor, label: Tensor, keep_before: Tensor, index: Tensor) -> Tensor:
     """``Defects.merged_from``: ``[output row, fragment label]`` pairs, int64 (M, 2)."""
     total = merged_into.shape[0]
@@ -482,9 +496,13 @@ class DefectHead(nn.Module):
             q = self.quantile
             if q is not None:
                 keep = quantile_keep(regions, keep, batch, q)
-            labels, regions, num_regions, index = finalize_regions(
-                labels, regions, keep, batch, self.sort_by, self.max_regions
+            # The order and the cap only (an empty label map: finalize's per-pixel relabel in
+            # int64 costs ~5 passes over the map); the head relabels through a table below.
+            empty = labels[:, :, :0, :0]
+            _, regions, num_regions, index = finalize_regions(
+                empty, regions, keep, batch, self.sort_by, self.max_regions
             )
+            labels = _keep_labels(labels, regions)
             if full_sol is not None:
                 sol = full_sol.index_select(0, index)
             if self.merge:
