@@ -393,6 +393,8 @@ PLAN_DEFECTS_FLAT = {
     "min_score_max_quantile": None,
     "max_regions_sort_by": "score_max",
     "max_regions": None,
+    "pixel_size_mm": None,
+    "severity_rules": None,
     "image_threshold": None,
     "image_threshold_provenance": None,
     "mask_format": "npz",
@@ -610,7 +612,38 @@ def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):
 
 NON_NEUTRAL = {
     "mask_space": "full",
+    "pixel_size_mm": 0.05,
+    "severity_rules": [{"name": "critical", "min_area": 5}],
 }
+
+
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        (0.0, ValueError, "pixel_size_mm must be > 0 or null, got 0.0"),
+        (-1, ValueError, "pixel_size_mm must be > 0 or null, got -1"),
+        ("1", TypeError, "pixel_size_mm must be a number"),
+        (float("inf"), ValueError, "pixel_size_mm must be finite"),
+    ],
+)
+def test_pixel_size_mm_checked(value, error, msg):
+    with pytest.raises(error, match=msg):
+        DefectsConfig(pixel_size_mm=value)
+
+
+@pytest.mark.parametrize(
+    "rules,error,msg",
+    [
+        ({"name": "a"}, TypeError, "severity_rules must be a list of rules, got dict"),
+        ([{"min_area": 3}], ValueError, r"severity_rules\[0\].name must be a non-empty string"),
+        ([{"name": "a", "min_size": 3}], ValueError, "unknown condition 'min_size'"),
+        ([{"name": "a", "min_area_mm2": 1}], ValueError, "min_area_mm2 needs pixel_size_mm"),
+    ],
+)
+def test_severity_rules_checked(rules, error, msg):
+    with pytest.raises(error, match=msg):
+        DefectsConfig(severity_rules=rules)
+
 
 #: The toolbox fields whose stage now runs in DefectHead: any valid value loads.
 NOW_SUPPORTED = {
