@@ -191,6 +191,16 @@ def _merged_pairs(merged_into: Tensor, label: Tensor, keep_before: Tensor, index
 class DefectHead(nn.Module):
     """Defects from anomaly maps: ROI gate, threshold, open, close, fill holes, label, select.
 
+    With the toolbox fields of the config (docs/postprocessing.md, in this order): border
+    ignore and smoothing before the threshold (region scores from the conditioned map,
+    ``roi_max``/``roi_mean`` from the raw one), hysteresis instead of the plain threshold,
+    elliptic dilation after the morphology, then the region filters, merging, the
+    ``score_max`` quantile, and the sort by ``max_regions_sort_by`` before ``max_regions``
+    (:func:`~torchdefects.region_keep`, :func:`~torchdefects.merge_nearby`,
+    :func:`~torchdefects.quantile_keep`, :func:`~torchdefects.finalize_regions`). Stages at
+    their neutral value cost nothing (``Final`` flags). ``min_solidity`` is host-side: a head
+    with it runs eager only (``torch.jit.script`` raises).
+
     A thin composition of :func:`~torchdefects.binarize`, :func:`~torchdefects.opening`,
     :func:`~torchdefects.closing`, :func:`~torchdefects.fill_holes`,
     :func:`~torchdefects.connected_components`, :func:`~torchdefects.region_stats`,
@@ -362,7 +372,8 @@ class DefectHead(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
-    def __prepare_scriptable__(self) -> "DefectHead":
+    @torch.jit.ignore
+    def __prepare_scriptable__(self):  # type: ignore[no-untyped-def]
         # torch.jit.script calls this first: solidity is host-side (a Python hull).
         if self.min_solidity is not None:
             raise ValueError(
