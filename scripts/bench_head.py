@@ -15,6 +15,12 @@ subprocess with glibc's mmap threshold pinned, so freed buffers go back to the O
 OpenCV pipeline on one core. Timings on a shared machine are noisy: medians, and the load
 average is recorded.
 
+The toolbox comparison (issue 11): the plain head and a head with the toolbox stages
+(``TOOLBOX``: gaussian 5, hysteresis, dilation 3, min_score_mean, merging, sort by area),
+scripted, one thread, each against its OpenCV/NumPy per-image equivalent
+(:func:`opencv_toolbox`), same run; both ratios and the issue's floor (toolbox ratio at most
+1.5x the plain one) are printed. ``--toolbox-only`` runs just that.
+
 Always: the aten ops and host syncs of one scripted forward (the count of issue 9: open 3,
 close 3, fill holes, min_area 10, max_regions 20 on 16x1x256x256, CPU, inference mode, after a
 warm-up call). With ``--onnx``: ONNX Runtime (CPU) on the exported static head against eager
@@ -26,7 +32,7 @@ out unless ``--modes`` names it).
 Usage::
 
     python scripts/bench_head.py [--quick] [--device cpu|cuda] [--batch 16] [--json out.json]
-        [--onnx] [--modes eager,scripted,compiled] [--skip-cpu]
+        [--onnx] [--modes eager,scripted,compiled] [--skip-cpu] [--toolbox-only]
 """
 
 import argparse
@@ -118,6 +124,123 @@ def opencv_pipeline(m: np.ndarray, thr: float, min_area: int) -> Dict[str, np.nd
 
 def opencv_batch(maps: np.ndarray, thr: float, min_area: int) -> List[Dict[str, np.ndarray]]:
     return [opencv_pipeline(m, thr, min_area) for m in maps]
+
+
+#: The toolbox config of issue 11: gaussian 5, hysteresis, dilation 3, min_score_mean,
+#: merging and sorting by area, over the plain config.
+TOOLBOX = dict(
+    CONFIG,
+    map_smoothing_method="gaussian",
+    map_smoothing_ksize=5,
+    hysteresis_enabled=True,
+    hysteresis_low=0.45,
+    mask_dilate_ksize=3,
+    min_score_mean=0.62,
+    merge_nearby_enabled=True,
+    merge_nearby_max_gap_px=2,
+    max_regions_sort_by="area",
+)
+_E3 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+
+
+def opencv_toolbox(m: np.ndarray, thr: float, cfg: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """One image, the TOOLBOX config with OpenCV + NumPy (pyimgano's stages, fast forms)."""
+    h, w = m.shape
+    k = cfg["map_smoothing_ksize"]
+    s = cv2.GaussianBlur(m, (k, k), 0)
+    # Hysteresis: components of s >= low (8-connected) holding a pixel >= high.
+    weak = cv2.compare(s, cfg["hysteresis_low"], cv2.CMP_GE)
+    _, lab = cv2.connectedComponents(weak, connectivity=8)
+    seeded = np.zeros(lab.max() + 1, bool)
+    seeded[lab[s >= thr]] = True
+    seeded[0] = False
+    b = seeded[lab].astype(np.uint8) * np.uint8(255)
+    b = cv2.morphologyEx(b, cv2.MORPH_OPEN, _K3)
+    b = cv2.morphologyEx(b, cv2.MORPH_CLOSE, _K3)
+    flood = np.zeros((h + 2, w + 2), np.uint8)
+    flood[1:-1, 1:-1] = b
+    cv2.floodFill(flood, None, (0, 0), 255)
+    b = b | cv2.bitwise_not(flood[1:-1, 1:-1])
+    b = cv2.dilate(b, _E3)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(b, connectivity=8)
+    area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
+    flat = labels.ravel()
+    vals = s.ravel()
+    smax = np.full(n, -np.inf, np.float32)
+    np.maximum.at(smax, flat, vals)
+    ssum = np.bincount(flat, weights=vals.astype(np.float64), minlength=n)
+    mean = (ssum / np.maximum(area, 1)).astype(np.float32)
+    keep = (area >= cfg["min_area"]) & ~(mean < cfg["min_score_mean"])
+    keep[0] = False
+    idx = np.nonzero(keep)[0]
+    x1, y1 = stats[idx, 0], stats[idx, 1]
+    x2, y2 = x1 + stats[idx, 2] - 1, y1 + stats[idx, 3] - 1
+    # Merge: pairwise bbox gaps, groups by min-label propagation (pyimgano's rule).
+    gap = cfg["merge_nearby_max_gap_px"]
+    gx = np.maximum(np.maximum(x1[None] - x2[:, None] - 1, x1[:, None] - x2[None] - 1), 0)
+    gy = np.maximum(np.maximum(y1[None] - y2[:, None] - 1, y1[:, None] - y2[None] - 1), 0)
+    near = (gx <= gap) & (gy <= gap)
+    root = np.arange(idx.size)
+    while idx.size:
+        new = np.where(near, root[None], idx.size).min(1)
+        new = np.minimum(root, new)[np.minimum(root, new)]
+        if np.array_equal(new, root):
+            break
+        root = new
+    group = np.zeros(n, np.int64)
+    group[idx] = idx[root]
+    roots = idx[root == np.arange(idx.size)]
+    g_area = np.bincount(group[idx], weights=area[idx], minlength=n)[roots].astype(np.int64)
+    g_sum = np.bincount(group[idx], weights=ssum[idx], minlength=n)[roots]
+    g_max = np.full(n, -np.inf, np.float32)
+    np.maximum.at(g_max, group[idx], smax[idx])
+    g_max = g_max[roots]
+    g_mean = (g_sum / g_area).astype(np.float32)
+    order = np.lexsort((roots, -g_area, -g_max, -g_area))
+    out_label = group[flat].reshape(h, w) * keep[labels]
+    return {
+        "labels": out_label,
+        "label": roots[order],
+        "area": g_area[order],
+        "score_max": g_max[order],
+        "score_mean": g_mean[order],
+    }
+
+
+def toolbox_vs_opencv(maps_np: np.ndarray, min_run: float) -> Dict[str, Any]:
+    """Plain and toolbox heads (scripted, one thread) against their OpenCV equivalents."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        maps = torch.from_numpy(maps_np).unsqueeze(1)
+        plain = torch.jit.script(DefectHead(DefectsConfig(**CONFIG)))
+        toolbox = torch.jit.script(DefectHead(DefectsConfig(**TOOLBOX)))
+        out = toolbox(maps)
+        ref = [opencv_toolbox(m, THRESHOLD, TOOLBOX) for m in maps_np]
+        # Same pixels and regions (labels may differ: OpenCV numbers components its own way).
+        assert np.array_equal(out.mask[:, 0].numpy(), np.stack([r["labels"] > 0 for r in ref]))
+        assert np.array_equal(out.regions.area.numpy(), np.concatenate([r["area"] for r in ref]))
+        assert np.array_equal(
+            out.regions.score_max.numpy(), np.concatenate([r["score_max"] for r in ref])
+        )
+        res: Dict[str, Any] = {"regions_per_image": float(out.num_regions.float().mean())}
+        res["opencv_plain_ms"] = median_ms(
+            lambda: opencv_batch(maps_np, THRESHOLD, CONFIG["min_area"]), min_run
+        )
+        res["head_plain_ms"] = median_ms(lambda: plain(maps), min_run)
+        res["opencv_toolbox_ms"] = median_ms(
+            lambda: [opencv_toolbox(m, THRESHOLD, TOOLBOX) for m in maps_np], min_run
+        )
+        res["head_toolbox_ms"] = median_ms(lambda: toolbox(maps), min_run)
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(-1)
+    res["ratio_plain"] = res["head_plain_ms"] / res["opencv_plain_ms"]
+    res["ratio_toolbox"] = res["head_toolbox_ms"] / res["opencv_toolbox_ms"]
+    res["toolbox_over_plain_ratio"] = res["ratio_toolbox"] / res["ratio_plain"]
+    res["floor_met"] = bool(res["ratio_toolbox"] <= 1.5 * res["ratio_plain"])
+    return res
 
 
 def median_ms(stmt, min_run_time: float) -> float:
@@ -328,6 +451,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--gpu-batches", default="1,64,256", help="CUDA batch sizes (default 1,64,256)"
     )
+    parser.add_argument(
+        "--no-toolbox", action="store_true", help="leave out the toolbox comparison (issue 11)"
+    )
+    parser.add_argument(
+        "--toolbox-only", action="store_true", help="only the toolbox comparison on the CPU"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -361,6 +490,21 @@ def main(argv=None) -> int:
         results["onnx"] = o
     if args.skip_cpu:
         return _finish(results, args)
+    if not args.no_toolbox:
+        t = toolbox_vs_opencv(realistic_maps(args.batch, args.size, args.size, seed=2), min_run)
+        results["toolbox"] = t
+        b, s = args.batch, args.size
+        print(f"toolbox (issue 11), {b}x1x{s}x{s}, scripted, one thread, medians:")
+        for kind in ("plain", "toolbox"):
+            head_ms, cv_ms = t[f"head_{kind}_ms"], t[f"opencv_{kind}_ms"]
+            print(f"  {kind:8s}head {head_ms:8.2f} ms, OpenCV {cv_ms:8.2f} ms")
+        print(
+            f"  ratio head/OpenCV: plain {t['ratio_plain']:.2f}, toolbox {t['ratio_toolbox']:.2f} "
+            f"(toolbox/plain {t['toolbox_over_plain_ratio']:.2f}; floor 1.5: "
+            f"{'met' if t['floor_met'] else 'NOT met'})"
+        )
+        if args.toolbox_only:
+            return _finish(results, args)
 
     maps_np = realistic_maps(args.batch, args.size, args.size)
     maps = torch.from_numpy(maps_np).unsqueeze(1)

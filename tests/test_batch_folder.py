@@ -64,9 +64,11 @@ def _f32(v):
 def _expected(cfg, a):
     """Regions and mask of one map from the head itself."""
     from torchdefects.head import DefectHead
+    from torchdefects.shape import shape_stats
 
     d = DefectHead(cfg)(torch.from_numpy(a)[None, None])
     r = d.regions
+    shape = shape_stats(r)
     regions = [
         {
             "id": int(r.label[j]),
@@ -75,6 +77,10 @@ def _expected(cfg, a):
             "centroid_xy": [_f32(v) for v in r.centroid_xy[j].tolist()],
             "score_max": _f32(r.score_max[j]),
             "score_mean": _f32(r.score_mean[j]),
+            "bbox_area": int(shape.bbox_area[j]),
+            "fill_ratio": float(shape.fill_ratio[j]),
+            "aspect_ratio": float(shape.aspect_ratio[j]),
+            "solidity": None,
         }
         for j in range(r.label.shape[0])
     ]

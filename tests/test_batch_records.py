@@ -78,7 +78,8 @@ def test_result_record_with_and_without_defects():
     v.validate(rec)
     assert rec["defects"]["regions"] == [
         {"id": 2, "bbox_xyxy": [2, 2, 3, 3], "area": 4, "centroid_xy": [2.5, 2.5],
-         "score_max": 0.8, "score_mean": 0.6}
+         "score_max": 0.8, "score_mean": 0.6, "bbox_area": 4, "fill_ratio": 1.0,
+         "aspect_ratio": 1.0, "solidity": None}
     ]  # fmt: skip
     assert rec["label"] == 1 and rec["score"] == 0.9
     rec["defects"]["mask"] = records.mask_block("masks/a.png", (4, 4), "png_0_255", "anomaly_map")

@@ -393,6 +393,8 @@ PLAN_DEFECTS_FLAT = {
     "min_score_max_quantile": None,
     "max_regions_sort_by": "score_max",
     "max_regions": None,
+    "pixel_size_mm": None,
+    "severity_rules": None,
     "image_threshold": None,
     "image_threshold_provenance": None,
     "mask_format": "npz",
@@ -609,6 +611,42 @@ def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):
 # --- unsupported features, neutral values, ranges ----------------------------------------
 
 NON_NEUTRAL = {
+    "mask_space": "full",
+    "pixel_size_mm": 0.05,
+    "severity_rules": [{"name": "critical", "min_area": 5}],
+}
+
+
+@pytest.mark.parametrize(
+    "value,error,msg",
+    [
+        (0.0, ValueError, "pixel_size_mm must be > 0 or null, got 0.0"),
+        (-1, ValueError, "pixel_size_mm must be > 0 or null, got -1"),
+        ("1", TypeError, "pixel_size_mm must be a number"),
+        (float("inf"), ValueError, "pixel_size_mm must be finite"),
+    ],
+)
+def test_pixel_size_mm_checked(value, error, msg):
+    with pytest.raises(error, match=msg):
+        DefectsConfig(pixel_size_mm=value)
+
+
+@pytest.mark.parametrize(
+    "rules,error,msg",
+    [
+        ({"name": "a"}, TypeError, "severity_rules must be a list of rules, got dict"),
+        ([{"min_area": 3}], ValueError, r"severity_rules\[0\].name must be a non-empty string"),
+        ([{"name": "a", "min_size": 3}], ValueError, "unknown condition 'min_size'"),
+        ([{"name": "a", "min_area_mm2": 1}], ValueError, "min_area_mm2 needs pixel_size_mm"),
+    ],
+)
+def test_severity_rules_checked(rules, error, msg):
+    with pytest.raises(error, match=msg):
+        DefectsConfig(severity_rules=rules)
+
+
+#: The toolbox fields whose stage now runs in DefectHead: any valid value loads.
+NOW_SUPPORTED = {
     "border_ignore_px": 2,
     "map_smoothing_method": "gaussian",
     "hysteresis_enabled": True,
@@ -621,12 +659,12 @@ NON_NEUTRAL = {
     "max_aspect_ratio": 4.0,
     "min_solidity": 0.5,
     "min_score_max_quantile": 0.5,
-    "mask_space": "full",
 }
 
 
 def test_unsupported_table_is_covered():
     assert set(NON_NEUTRAL) == set(UNSUPPORTED_UNTIL_IMPLEMENTED)
+    assert not set(NOW_SUPPORTED) & set(UNSUPPORTED_UNTIL_IMPLEMENTED)
 
 
 @pytest.mark.parametrize("name", sorted(UNSUPPORTED_UNTIL_IMPLEMENTED))
@@ -641,11 +679,17 @@ def test_unsupported_accepted_only_at_neutral(name):
     assert "is not supported yet by torchdefects" in msg
 
 
-def test_unsupported_via_pyimgano_nested_form():
-    with pytest.raises(ConfigError, match=r"defects.hysteresis_enabled=true is not supported yet"):
-        load_config({"defects": {"hysteresis": {"enabled": True, "low": 0.1}}})
-    with pytest.raises(ConfigError, match=r"min_solidity=0.5 is not supported yet"):
-        load_config({"defects": {"shape_filters": {"min_solidity": 0.5}}})
+@pytest.mark.parametrize("name", sorted(NOW_SUPPORTED))
+def test_toolbox_fields_load(name):
+    cfg = load_config({"per_category": {"b": {"defects": {name: NOW_SUPPORTED[name]}}}}, "b")
+    assert getattr(cfg, name) == NOW_SUPPORTED[name]
+
+
+def test_toolbox_via_pyimgano_nested_form():
+    cfg = load_config({"defects": {"hysteresis": {"enabled": True, "low": 0.1}}})
+    assert cfg.hysteresis_enabled is True and cfg.hysteresis_low == 0.1
+    cfg = load_config({"defects": {"shape_filters": {"min_solidity": 0.5}}})
+    assert cfg.min_solidity == 0.5
 
 
 @pytest.mark.parametrize(

@@ -89,19 +89,9 @@ LEGACY_PROVENANCE_SOURCES = ("config", "calibration")
 #: A field's sub-settings (``hysteresis_low``, ``map_smoothing_ksize`` ...) are inert while
 #: its switch here is neutral, so they are validated but accepted. The toolbox empties this.
 UNSUPPORTED_UNTIL_IMPLEMENTED: Dict[str, Any] = {
-    "border_ignore_px": 0,
-    "map_smoothing_method": "none",
-    "hysteresis_enabled": False,
-    "merge_nearby_enabled": False,
-    "mask_dilate_ksize": 0,
-    "max_regions_sort_by": "score_max",
-    "min_score_max": None,
-    "min_score_mean": None,
-    "min_fill_ratio": None,
-    "max_aspect_ratio": None,
-    "min_solidity": None,
-    "min_score_max_quantile": None,
     "mask_space": "roi",
+    "pixel_size_mm": None,
+    "severity_rules": None,
 }
 
 #: pyimgano's nested forms inside ``defects``: ``{block: {key: field}}``.
@@ -396,6 +386,24 @@ class DefectsConfig:
         group="regions",
         oracle="sorted()",
     )
+    pixel_size_mm: Optional[float] = _f(
+        None,
+        "size of an original-image pixel in mm, > 0 (gives area_mm2 and mm boxes); null: none",
+        flag="--defect-pixel-size-mm",
+        group="regions",
+        oracle="by hand",
+    )
+    severity_rules: Optional[List[Dict[str, Any]]] = field(
+        default=None,
+        metadata={
+            "help": "ordered severity rules [{name, min_area, min_score_max, min_score_mean, "
+            "min_area_mm2, min_length_mm, min_aspect_ratio}]; a region takes the first that "
+            "holds; null: none",
+            "cli": False,
+            "group": "regions",
+            "oracle": "Python first-match loop",
+        },
+    )
     image_threshold: Optional[float] = _f(
         None,
         "an image is defective when its image score is >= this; null: when it has a region",
@@ -466,6 +474,17 @@ class DefectsConfig:
         )
         _check_choices(self, p, "max_regions_sort_by")
         check_int(p + "max_regions", self.max_regions, minimum=1, allow_none=True)
+        if self.pixel_size_mm is not None:
+            check_finite(p + "pixel_size_mm", self.pixel_size_mm)
+            if self.pixel_size_mm <= 0:
+                raise ValueError(f"{p}pixel_size_mm must be > 0 or null, got {self.pixel_size_mm}")
+        if self.severity_rules is not None:
+            from torchdefects.severity import parse_severity_rules
+
+            try:
+                parse_severity_rules(self.severity_rules, self.pixel_size_mm is not None)
+            except (TypeError, ValueError) as e:
+                raise type(e)(p + str(e)) from None
         check_finite(p + "image_threshold", self.image_threshold, allow_none=True)
         _check_provenance(p + "image_threshold_provenance", self.image_threshold_provenance)
         _check_choices(self, p, "mask_format")
@@ -493,6 +512,7 @@ class DefectsConfig:
 
 _FLOAT_FIELDS = (
     "pixel_threshold",
+    "pixel_size_mm",
     "pixel_normal_quantile",
     "map_smoothing_sigma",
     "hysteresis_low",

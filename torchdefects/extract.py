@@ -69,16 +69,18 @@ def extract_defects(
         **pyimgano_options: pyimgano's other keywords (``mask_space``,
             ``border_ignore_px``, ``map_smoothing_method``, ``hysteresis_enabled``,
             ``min_score_max``, ``max_regions_sort_by`` ...) under their
-            :class:`~torchdefects.DefectsConfig` names; validated there (a feature
-            torchdefects does not have yet is accepted at its neutral value only).
+            :class:`~torchdefects.DefectsConfig` names, run by the head (docs/postprocessing.md);
+            validated there (``mask_space="full"`` is not supported yet).
 
     Returns:
         ``{"space": {"type": "anomaly_map", "shape": [H, W]}, "pixel_threshold": float,
         "mask": uint8 (H, W) NumPy array of 0/255, "regions": [...],
         "map_stats_roi": {"max": float, "mean": float}}``. Each region is
         ``{"id", "bbox_xyxy" (inclusive [x1, y1, x2, y2]), "area", "centroid_xy" ([x, y]),
-        "score_max", "score_mean", "bbox_area", "fill_ratio", "aspect_ratio"}`` in the head's
-        order (``score_max`` desc, ``area`` desc, ``id`` asc); ``id`` is the SciPy raster
+        "score_max", "score_mean", "bbox_area", "fill_ratio", "aspect_ratio"}`` (plus
+        ``"solidity"`` with ``min_solidity``, ``None`` where undefined, and
+        ``"merged_from_ids"`` with merging) in the head's order (``max_regions_sort_by`` desc,
+        then ``score_max`` desc, ``area`` desc, ``id`` asc); ``id`` is the SciPy raster
         label. Scores are not rounded; a ROI with no finite pixel gives ``null`` stats
         (pyimgano: 0.0).
 
@@ -117,6 +119,12 @@ def extract_defects(
     cents = r.centroid_xy.to(torch.float64).tolist()
     smax = r.score_max.to(torch.float64).tolist()
     smean = r.score_mean.to(torch.float64).tolist()
+    sol = None if out.solidity is None else out.solidity.tolist()
+    members: Optional[List[List[int]]] = None
+    if out.merged_from is not None:
+        members = [[] for _ in labels]
+        for row, member in out.merged_from.tolist():
+            members[row].append(int(member))
     regions: List[Dict[str, Any]] = []
     for i, label in enumerate(labels):
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
@@ -135,6 +143,10 @@ def extract_defects(
                 "aspect_ratio": max(bw / bh, bh / bw),
             }
         )
+        if sol is not None:
+            regions[-1]["solidity"] = _num(float(sol[i]))
+        if members is not None:
+            regions[-1]["merged_from_ids"] = members[i]
     return {
         "space": {"type": "anomaly_map", "shape": [h, w]},
         "pixel_threshold": float(config.pixel_threshold),  # type: ignore[arg-type]

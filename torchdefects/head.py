@@ -18,9 +18,14 @@ from torchdefects._check import (
 )
 from torchdefects.components import connected_components
 from torchdefects.config import DefectsConfig
+from torchdefects.ellipse import dilate_ellipse
+from torchdefects.filters import border_ignore, smooth_map, smoothing_ksize
+from torchdefects.hysteresis import hysteresis_bounds, hysteresis_threshold
 from torchdefects.morphology import closing, fill_holes, opening
+from torchdefects.region_filters import finalize_regions, merge_nearby, quantile_keep, region_keep
 from torchdefects.regions import Regions, region_stats, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
+from torchdefects.shape import solidity as _solidity
 
 __all__ = ["DefectHead", "Defects", "StaticDefectHead", "StaticDefects"]
 
@@ -41,6 +46,17 @@ class Defects(NamedTuple):
             got ``image_score``, else ``roi_max`` (the rule; there is no flag in the output).
         image_label: int64 :math:`(B,)`, 1 defective, 0 good: ``image_score >=
             config.image_threshold`` when the config sets one, else ``num_regions > 0``.
+        solidity: float64 :math:`(N,)` per reported region (rows of ``regions``) when the
+            config sets ``min_solidity`` (eager heads only), else ``None``. NaN where the
+            hull area is 0; NaN for a merged group (pyimgano leaves it out).
+        merged_from: int64 :math:`(M, 2)` when ``merge_nearby_enabled``, else ``None``: rows
+            ``[i, label]``, one per fragment of each reported region ``i`` (a row of
+            ``regions``), the fragment's label before merging; sorted by ``i`` then label.
+            A region that merged nothing has one row, its own label.
+
+    The shape statistics of the regions (``bbox_area``, ``fill_ratio``, ``aspect_ratio``) are
+    :func:`~torchdefects.shape_stats` of ``regions`` (exact, from the bboxes; no cost in the
+    head's graph).
     """
 
     mask: Tensor
@@ -52,6 +68,8 @@ class Defects(NamedTuple):
     pixel_threshold: Tensor
     image_score: Tensor
     image_label: Tensor
+    solidity: Optional[Tensor]
+    merged_from: Optional[Tensor]
 
 
 class StaticDefects(NamedTuple):
@@ -136,10 +154,52 @@ class _HeadOut(NamedTuple):
     pixel_threshold: Tensor
     image_score: Tensor
     image_label: Tensor
+    solidity: Optional[Tensor]
+    merged_from: Optional[Tensor]
+
+
+def _keep_labels(labels: Tensor, kept: Regions) -> Tensor:
+    """The label map with only the pixels whose ``(image, label)`` is a row of ``kept``.
+
+    One gather through a table over every (image, label) pair (``select_regions``' relabel).
+    """
+    b, h, w = labels.shape[0], labels.shape[2], labels.shape[3]
+    width = h * w + 1
+    key_dtype = labels.dtype if b * width < 2**31 else torch.int64
+    table = torch.zeros(b * width, dtype=labels.dtype, device=labels.device)
+    table = table.index_put((kept.batch_index * width + kept.label,), kept.label.to(labels.dtype))
+    base = (torch.arange(b, device=labels.device) * width).to(key_dtype).view(b, 1, 1, 1)
+    return table.index_select(0, (labels.to(key_dtype) + base).reshape(-1)).view(labels.shape)
+
+
+def _merged_pairs(merged_into: Tensor, label: Tensor, keep_before: Tensor, index: Tensor) -> Tensor:
+    """``Defects.merged_from``: ``[output row, fragment label]`` pairs, int64 (M, 2)."""
+    total = merged_into.shape[0]
+    device = merged_into.device
+    out_row = torch.full((total,), -1, dtype=torch.int64, device=device)
+    out_row.index_copy_(0, index, torch.arange(index.shape[0], device=device))
+    member_row = out_row.index_select(0, merged_into)
+    member_row = torch.where(keep_before, member_row, torch.full_like(member_row, -1))
+    rows = torch.nonzero(member_row >= 0).view(-1)
+    # Table rows are in (image, label) order: a stable sort by output row keeps labels ascending.
+    target = member_row.index_select(0, rows)
+    order = torch.sort(target, stable=True).indices
+    rows = rows.index_select(0, order)
+    return torch.stack([target.index_select(0, order), label.index_select(0, rows)], 1)
 
 
 class DefectHead(nn.Module):
     """Defects from anomaly maps: ROI gate, threshold, open, close, fill holes, label, select.
+
+    With the toolbox fields of the config (docs/postprocessing.md, in this order): border
+    ignore and smoothing before the threshold (region scores from the conditioned map,
+    ``roi_max``/``roi_mean`` from the raw one), hysteresis instead of the plain threshold,
+    elliptic dilation after the morphology, then the region filters, merging, the
+    ``score_max`` quantile, and the sort by ``max_regions_sort_by`` before ``max_regions``
+    (:func:`~torchdefects.region_keep`, :func:`~torchdefects.merge_nearby`,
+    :func:`~torchdefects.quantile_keep`, :func:`~torchdefects.finalize_regions`). Stages at
+    their neutral value cost nothing (``Final`` flags). ``min_solidity`` is host-side: a head
+    with it runs eager only (``torch.jit.script`` raises).
 
     A thin composition of :func:`~torchdefects.binarize`, :func:`~torchdefects.opening`,
     :func:`~torchdefects.closing`, :func:`~torchdefects.fill_holes`,
@@ -205,6 +265,26 @@ class DefectHead(nn.Module):
     min_area: Final[int]
     max_regions: Final[Optional[int]]
     connectivity: Final[int]
+    border_ignore_px: Final[int]
+    smoothing: Final[bool]
+    smoothing_method: Final[str]
+    smoothing_ksize: Final[int]
+    smoothing_sigma: Final[float]
+    conditioned: Final[bool]
+    hysteresis: Final[bool]
+    hysteresis_low: Final[Optional[float]]
+    hysteresis_high: Final[Optional[float]]
+    dilate_ksize: Final[int]
+    min_score_max: Final[Optional[float]]
+    min_score_mean: Final[Optional[float]]
+    min_fill_ratio: Final[Optional[float]]
+    max_aspect_ratio: Final[Optional[float]]
+    min_solidity: Final[Optional[float]]
+    merge: Final[bool]
+    merge_gap: Final[int]
+    quantile: Final[Optional[float]]
+    sort_by: Final[str]
+    toolbox_regions: Final[bool]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DefectHead":
         static = kwargs.get("static_output", args[1] if len(args) > 1 else False)
@@ -237,6 +317,40 @@ class DefectHead(nn.Module):
         self.min_area = config.min_area
         self.max_regions = config.max_regions
         self.connectivity = config.connectivity
+        # Toolbox stages (docs/postprocessing.md); at their neutral values they add nothing to
+        # the graph: every branch below tests a Final constant.
+        self.border_ignore_px = config.border_ignore_px
+        self.smoothing_method = config.map_smoothing_method
+        self.smoothing_ksize = config.map_smoothing_ksize
+        self.smoothing_sigma = float(config.map_smoothing_sigma)
+        self.smoothing = (
+            smoothing_ksize(config.map_smoothing_method, config.map_smoothing_ksize,
+                            config.map_smoothing_sigma) > 0
+        )  # fmt: skip
+        self.conditioned = self.border_ignore_px > 0 or self.smoothing
+        self.hysteresis = config.hysteresis_enabled
+        self.hysteresis_low = config.hysteresis_low
+        self.hysteresis_high = config.hysteresis_high
+        self.dilate_ksize = config.mask_dilate_ksize
+        self.min_score_max = config.min_score_max
+        self.min_score_mean = config.min_score_mean
+        self.min_fill_ratio = config.min_fill_ratio
+        self.max_aspect_ratio = config.max_aspect_ratio
+        self.min_solidity = config.min_solidity
+        self.merge = config.merge_nearby_enabled and config.merge_nearby_max_gap_px > 0
+        self.merge_gap = config.merge_nearby_max_gap_px
+        self.quantile = config.min_score_max_quantile
+        self.sort_by = config.max_regions_sort_by
+        self.toolbox_regions = (
+            config.min_score_max is not None
+            or config.min_score_mean is not None
+            or config.min_fill_ratio is not None
+            or config.max_aspect_ratio is not None
+            or config.min_solidity is not None
+            or self.merge
+            or config.min_score_max_quantile is not None
+            or config.max_regions_sort_by != "score_max"
+        )
         thr = config.pixel_threshold if config.pixel_threshold is not None else float("nan")
         self.register_buffer("threshold", torch.tensor(thr, dtype=torch.float64))
         image_thr = config.image_threshold
@@ -258,13 +372,29 @@ class DefectHead(nn.Module):
                 setattr(self, name, before.to(after.device))
         return self
 
+    @torch.jit.ignore
+    def __prepare_scriptable__(self):  # type: ignore[no-untyped-def]
+        # torch.jit.script calls this first: solidity is host-side (a Python hull).
+        if self.min_solidity is not None:
+            raise ValueError(
+                f"min_solidity={self.min_solidity} is not supported in scripted heads "
+                "(solidity is computed on the host); use the eager DefectHead or drop it"
+            )
+        return self
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
     def _labels(
         self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor]
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Threshold, gates, morphology, labeling: ``(x, xc, allowed, thr, labels, counts)``."""
+        """Conditioning, threshold, gates, morphology, labeling.
+
+        Returns ``(scored, xc, allowed, thr, labels, counts)``: the map regions are scored on
+        (border-ignored and smoothed when configured, else the input), the raw map in the
+        comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
+        threshold, the labels and counts.
+        """
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
         batch, height, width = x.shape[0], x.shape[2], x.shape[3]
@@ -286,17 +416,40 @@ class DefectHead(nn.Module):
         allowed = xc == xc
         if self.has_roi:
             allowed = allowed & _roi_mask(self.roi, height, width)
-        mask = xc >= thr.view(batch, 1, 1, 1)
-        if self.has_roi:
-            mask = mask & allowed
+        scored = x
+        xs = xc
+        gate = allowed
+        if self.conditioned:
+            if self.border_ignore_px > 0:
+                scored = border_ignore(scored, self.border_ignore_px)
+            if self.smoothing:
+                scored = smooth_map(
+                    scored, self.smoothing_method, self.smoothing_ksize, self.smoothing_sigma
+                )
+            xs = scored if scored.dtype == cmp_dtype else scored.to(cmp_dtype)
+            gate = xs == xs
+            if self.has_roi:
+                gate = gate & _roi_mask(self.roi, height, width)
+        if self.hysteresis:
+            low, high = hysteresis_bounds(thr, self.hysteresis_low, self.hysteresis_high)
+            roi: Optional[Tensor] = None
+            if self.has_roi:
+                roi = self.roi
+            mask = hysteresis_threshold(xs, low, high, self.connectivity, roi)
+        else:
+            mask = xs >= thr.view(batch, 1, 1, 1)
+            if self.has_roi:
+                mask = mask & gate
         if self.open_ksize > 0:
             mask = opening(mask, self.open_ksize)
         if self.close_ksize > 0:
-            mask = closing(mask, self.close_ksize) & allowed
+            mask = closing(mask, self.close_ksize) & gate
         if self.fill_holes:
-            mask = fill_holes(mask) & allowed
+            mask = fill_holes(mask) & gate
+        if self.dilate_ksize > 0:
+            mask = dilate_ellipse(mask, self.dilate_ksize) & gate
         labels, counts = connected_components(mask, self.connectivity)
-        return x, xc, allowed, thr, labels, counts
+        return scored, xc, allowed, thr, labels, counts
 
     def _image(
         self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
@@ -323,9 +476,52 @@ class DefectHead(nn.Module):
     ) -> _HeadOut:
         x, xc, allowed, thr, labels, counts = self._labels(anomaly_map, pixel_threshold)
         regions = region_stats(labels, counts, x)
-        labels, regions, num_regions = select_regions(
-            labels, regions, x.shape[0], self.min_area, self.max_regions
-        )
+        sol: Optional[Tensor] = None
+        merged: Optional[Tensor] = None
+        if self.toolbox_regions:
+            batch = x.shape[0]
+            full_sol: Optional[Tensor] = None
+            if self.min_solidity is not None:
+                full_sol = self._solidity(labels, regions)
+            keep = region_keep(
+                regions,
+                self.min_area,
+                self.min_score_max,
+                self.min_score_mean,
+                self.min_fill_ratio,
+                self.max_aspect_ratio,
+                self.min_solidity,
+                full_sol,
+            )
+            keep_before = keep
+            merged_into = keep
+            if self.merge:
+                m = merge_nearby(labels, regions, keep, batch, self.merge_gap, x)
+                labels, regions, keep, merged_into = m.labels, m.regions, m.keep, m.merged_into
+                if full_sol is not None:
+                    # A merged group's solidity is not defined (pyimgano leaves it out).
+                    full_sol = torch.where(
+                        m.merged_count > 1, torch.full_like(full_sol, float("nan")), full_sol
+                    )
+            table_label = regions.label
+            q = self.quantile
+            if q is not None:
+                keep = quantile_keep(regions, keep, batch, q)
+            # The order and the cap only (an empty label map: finalize's per-pixel relabel in
+            # int64 costs ~5 passes over the map); the head relabels through a table below.
+            empty = labels[:, :, :0, :0]
+            _, regions, num_regions, index = finalize_regions(
+                empty, regions, keep, batch, self.sort_by, self.max_regions
+            )
+            labels = _keep_labels(labels, regions)
+            if full_sol is not None:
+                sol = full_sol.index_select(0, index)
+            if self.merge:
+                merged = _merged_pairs(merged_into, table_label, keep_before, index)
+        else:
+            labels, regions, num_regions = select_regions(
+                labels, regions, x.shape[0], self.min_area, self.max_regions
+            )
         roi_max, roi_mean, score, label = self._image(xc, allowed, num_regions, image_score)
         return _HeadOut(
             labels=labels,
@@ -336,7 +532,13 @@ class DefectHead(nn.Module):
             pixel_threshold=thr.to(torch.float32),
             image_score=score,
             image_label=label,
+            solidity=sol,
+            merged_from=merged,
         )
+
+    @torch.jit.unused
+    def _solidity(self, labels: Tensor, regions: Regions) -> Tensor:
+        return _solidity(labels, regions)
 
     def forward(
         self,
@@ -359,6 +561,8 @@ class DefectHead(nn.Module):
             pixel_threshold=out.pixel_threshold,
             image_score=out.image_score,
             image_label=out.image_label,
+            solidity=out.solidity,
+            merged_from=out.merged_from,
         )
 
 
@@ -399,6 +603,21 @@ class StaticDefectHead(DefectHead):
         super().__init__(config, static_output=True)
         assert config.max_regions is not None
         self.capacity = config.max_regions
+        # The traced static forward (torch.export, ONNX) runs the map conditioning, hysteresis,
+        # dilation and the score and shape filters; these stages have no static form yet.
+        for name, value, neutral in (
+            ("min_solidity", config.min_solidity, None),
+            ("merge_nearby_enabled", self.merge, False),
+            ("min_score_max_quantile", config.min_score_max_quantile, None),
+            ("max_regions_sort_by", config.max_regions_sort_by, "score_max"),
+        ):
+            if value != neutral:
+                shown = config.merge_nearby_enabled if name == "merge_nearby_enabled" else value
+                raise ValueError(
+                    f"{name}={json.dumps(shown)} is not supported in exported heads "
+                    f"(static_output=True) yet; use the dynamic DefectHead or set it to "
+                    f"{json.dumps(neutral)}"
+                )
 
     def forward(  # type: ignore[override]
         self,
@@ -448,7 +667,10 @@ class StaticDefectHead(DefectHead):
         ``score_mean`` sums in another order, so equal to float32 rounding).
         """
         x, xc, allowed, thr, labels, _ = self._labels(anomaly_map, pixel_threshold)
-        out = _static_regions(labels, x, self.min_area, self.capacity)
+        filters = (self.min_score_max, self.min_score_mean, self.min_fill_ratio)
+        out = _static_regions(
+            labels, x, self.min_area, self.capacity, filters + (self.max_aspect_ratio,)
+        )
         labels_kept, num_regions, boxes, area, label, centroid, score_max, score_mean = out
         roi_max, roi_mean, score, image_label = self._image(xc, allowed, num_regions, image_score)
         return StaticDefects(
@@ -470,7 +692,16 @@ class StaticDefectHead(DefectHead):
 
 
 def _static_regions(
-    labels: Tensor, anomaly_map: Tensor, min_area: int, capacity: int
+    labels: Tensor,
+    anomaly_map: Tensor,
+    min_area: int,
+    capacity: int,
+    filters: Tuple[Optional[float], Optional[float], Optional[float], Optional[float]] = (
+        None,
+        None,
+        None,
+        None,
+    ),
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Region stats and selection with static shapes (see ``StaticDefectHead._forward_static``).
 
@@ -514,6 +745,20 @@ def _static_regions(
     col = torch.arange(width, device=device).unsqueeze(0)
     area2 = area.view(b, width)
     valid = (area2 >= max(min_area, 1)) & (col > 0)
+    # region_keep's filters (pyimgano's strict comparisons), on the table.
+    min_score_max, min_score_mean, min_fill_ratio, max_aspect_ratio = filters
+    if min_score_max is not None:
+        valid = valid & ~(smax.view(b, width) < min_score_max)
+    if min_score_mean is not None:
+        mean = ssum / area.to(torch.float64).clamp(min=1)
+        valid = valid & ~(mean.to(score_dtype).view(b, width) < min_score_mean)
+    if min_fill_ratio is not None or max_aspect_ratio is not None:
+        bw = (x2 - x1 + 1).to(torch.float64).view(b, width)
+        bh = (y2 - y1 + 1).to(torch.float64).view(b, width)
+        if min_fill_ratio is not None:
+            valid = valid & ~(area2.to(torch.float64) / (bw * bh) < min_fill_ratio)
+        if max_aspect_ratio is not None:
+            valid = valid & ~(torch.maximum(bw / bh, bh / bw) > max_aspect_ratio)
     # Selection, K rounds of "the best left": score_max desc, then area desc, then label asc.
     # ``tie`` is unique per column and orders area desc, label asc, so each round's argmax
     # is exact; no sort (ONNX has no stable sort) and K small static loops.

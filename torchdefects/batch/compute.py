@@ -65,6 +65,14 @@ def maps_of(out: Any, key: Optional[Union[int, str]], batch: int) -> Tensor:
 _REGION_COLUMNS = ("label", "bbox_xyxy", "area", "centroid_xy", "score_max", "score_mean")
 
 
+def _merged_from_ids(pairs: Tensor, num: int) -> List[List[int]]:
+    """``Defects.merged_from`` (``[row, label]`` pairs) as one label list per region row."""
+    out: List[List[int]] = [[] for _ in range(num)]
+    for row, label in pairs.cpu().tolist():
+        out[row].append(label)
+    return out
+
+
 class Compute:
     """Runs groups through the detector and head and turns them into writer jobs.
 
@@ -143,6 +151,10 @@ class Compute:
             scores, labels = d.image_score.cpu().tolist(), d.image_label.cpu().tolist()
             r = d.regions
             cols = {k: getattr(r, k).cpu().tolist() for k in _REGION_COLUMNS}
+            if d.solidity is not None:
+                cols["solidity"] = d.solidity.cpu().tolist()
+            if d.merged_from is not None:
+                cols["merged_from_ids"] = _merged_from_ids(d.merged_from, len(cols["label"]))
             if plan.mask_dir is not None or plan.overlay_dir is not None:
                 mask = d.mask[:, 0].cpu().numpy()
         else:

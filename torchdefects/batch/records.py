@@ -93,6 +93,12 @@ def mask_block(path: str, shape: Sequence[int], encoding: str, space: str) -> Di
     }
 
 
+def _shape(bbox: List[int], area: int) -> Dict[str, Any]:
+    """pyimgano's shape statistics of a region (``torchdefects.shape_stats``), exact."""
+    w, h = bbox[2] - bbox[0] + 1, bbox[3] - bbox[1] + 1
+    return {"bbox_area": w * h, "fill_ratio": area / (w * h), "aspect_ratio": max(w / h, h / w)}
+
+
 def _regions(cols: Dict[str, List[Any]], start: int, n: int, space: Any) -> List[Dict[str, Any]]:
     out = []
     for j in range(start, start + n):
@@ -104,6 +110,11 @@ def _regions(cols: Dict[str, List[Any]], start: int, n: int, space: Any) -> List
             "score_max": f32(cols["score_max"][j]),
             "score_mean": f32(cols["score_mean"][j]),
         }
+        reg.update(_shape(reg["bbox_xyxy"], reg["area"]))
+        sol = cols["solidity"][j] if "solidity" in cols else None
+        reg["solidity"] = None if sol is None or sol != sol else float(sol)
+        if "merged_from_ids" in cols:
+            reg["merged_from_ids"] = [int(v) for v in cols["merged_from_ids"][j]]
         if space is not None:
             reg["bbox_xyxy_image"] = space.bbox_to_image(reg["bbox_xyxy"])
         out.append(reg)
