@@ -23,7 +23,7 @@ from torchdefects.filters import border_ignore, smooth_map, smoothing_ksize
 from torchdefects.hysteresis import hysteresis_bounds, hysteresis_threshold
 from torchdefects.morphology import closing, fill_holes, opening
 from torchdefects.region_filters import finalize_regions, merge_nearby, quantile_keep, region_keep
-from torchdefects.regions import Regions, region_stats, select_regions
+from torchdefects.regions import Regions, _label_regions, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
 from torchdefects.shape import solidity as _solidity
 
@@ -386,14 +386,15 @@ class DefectHead(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
     def _labels(
-        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor]
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Conditioning, threshold, gates, morphology, labeling.
+        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], with_stats: bool
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Regions]]:
+        """Conditioning, threshold, gates, morphology, labeling (and region statistics).
 
-        Returns ``(scored, xc, allowed, thr, labels, counts)``: the map regions are scored on
-        (border-ignored and smoothed when configured, else the input), the raw map in the
-        comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
-        threshold, the labels and counts.
+        Returns ``(scored, xc, allowed, thr, labels, counts, regions)``: the map regions are
+        scored on (border-ignored and smoothed when configured, else the input), the raw map
+        in the comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
+        threshold, the labels and counts, and with ``with_stats`` their
+        :func:`~torchdefects.region_stats` (computed with the labeling, from its runs).
         """
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
@@ -448,8 +449,11 @@ class DefectHead(nn.Module):
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:
             mask = dilate_ellipse(mask, self.dilate_ksize) & gate
+        if with_stats:
+            labels, counts, regions = _label_regions(mask, self.connectivity, scored)
+            return scored, xc, allowed, thr, labels, counts, regions
         labels, counts = connected_components(mask, self.connectivity)
-        return scored, xc, allowed, thr, labels, counts
+        return scored, xc, allowed, thr, labels, counts, None
 
     def _image(
         self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
@@ -474,8 +478,9 @@ class DefectHead(nn.Module):
     def _run(
         self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
     ) -> _HeadOut:
-        x, xc, allowed, thr, labels, counts = self._labels(anomaly_map, pixel_threshold)
-        regions = region_stats(labels, counts, x)
+        x, xc, allowed, thr, labels, _, stats = self._labels(anomaly_map, pixel_threshold, True)
+        assert stats is not None
+        regions = stats
         sol: Optional[Tensor] = None
         merged: Optional[Tensor] = None
         if self.toolbox_regions:
@@ -666,7 +671,7 @@ class StaticDefectHead(DefectHead):
         ``K`` entries are the output. Same results as the eager forward (integers bit-equal;
         ``score_mean`` sums in another order, so equal to float32 rounding).
         """
-        x, xc, allowed, thr, labels, _ = self._labels(anomaly_map, pixel_threshold)
+        x, xc, allowed, thr, labels, _, _ = self._labels(anomaly_map, pixel_threshold, False)
         filters = (self.min_score_max, self.min_score_mean, self.min_fill_ratio)
         out = _static_regions(
             labels, x, self.min_area, self.capacity, filters + (self.max_aspect_ratio,)
