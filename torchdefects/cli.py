@@ -252,40 +252,25 @@ def _calibration_inputs(args: argparse.Namespace, device: str) -> Any:
     import torch
 
     from torchdefects.batch.options import RunUsageError
-    from torchdefects.batch.plan import image_map_loader, load_detector, preprocess_from
+    from torchdefects.batch.plan import images_through_detector
     from torchdefects.files import IMAGE_EXTENSIONS, MAP_EXTENSIONS, list_inputs
 
     images = getattr(args, "images", None)
-    detector_path = getattr(args, "detector", None)
-    image_flags = ("map_output", "input_size", "mean", "std", "center_crop")
-    if images is None:
-        used = [f for f in ("detector", *image_flags) if getattr(args, f, None) is not None]
-        if used:
-            raise UsageError(f"--{used[0].replace('_', '-')} goes with --images")
-        spec, exts, flag = args.maps, MAP_EXTENSIONS, "--maps"
-    else:
-        if detector_path is None:
-            raise UsageError("--images needs --detector MODEL.pt to turn images into maps")
-        spec, exts, flag = images, IMAGE_EXTENSIONS, "--images"
+    spec, exts, flag = (
+        (args.maps, MAP_EXTENSIONS, "--maps")
+        if images is None
+        else (images, IMAGE_EXTENSIONS, "--images")
+    )
     try:
         paths = list_inputs(spec, exts)
+        load = images_through_detector(
+            args, None if images is None else paths, torch.device(device)
+        )
     except FileNotFoundError as e:
         raise UsageError(f"{flag}: {e}") from e
-    if images is None:
-        return paths, None
-    try:
-        dev = torch.device(device)
-        detector, meta = load_detector(detector_path, dev)
-        prep = preprocess_from(
-            meta,
-            getattr(args, "input_size", None),
-            getattr(args, "mean", None),
-            getattr(args, "std", None),
-            getattr(args, "center_crop", None),
-        )
     except RunUsageError as e:
         raise UsageError(str(e)) from e
-    return paths, image_map_loader(paths, detector, prep, getattr(args, "map_output", None), dev)
+    return paths, load
 
 
 def _calibrate_supervised(

@@ -626,28 +626,17 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def _image_inputs(args: argparse.Namespace) -> Tuple[Any, Any]:
     """``(load, extensions)`` for ``--images --detector``; ``(None, None)`` for maps."""
-    image_flags = ("detector", "map_output", "input_size", "mean", "std", "center_crop")
-    if args.images is None:
-        used = [f for f in image_flags if getattr(args, f) is not None]
-        if used:
-            raise ValueError(f"--{used[0].replace('_', '-')} goes with --images")
-        return None, None
-    if args.detector is None:
-        raise ValueError("--images needs --detector MODEL to turn images into maps")
     from torchdefects.batch.options import RunUsageError
-    from torchdefects.batch.plan import image_map_loader, load_detector, preprocess_from
+    from torchdefects.batch.plan import images_through_detector
 
-    paths = _files.list_inputs(args.images, _files.IMAGE_EXTENSIONS)
-    dev = check_device(str(args.device))
+    paths = None
+    if args.images is not None:
+        paths = _files.list_inputs(args.images, _files.IMAGE_EXTENSIONS)
     try:
-        detector, meta = load_detector(args.detector, dev)
-        prep = preprocess_from(meta, args.input_size, args.mean, args.std, args.center_crop)
+        load = images_through_detector(args, paths, check_device(str(args.device)))
     except RunUsageError as e:
         raise ValueError(str(e)) from e
-    key = args.map_output
-    if isinstance(key, str) and key.lstrip("-").isdigit():
-        key = int(key)
-    return image_map_loader(paths, detector, prep, key, dev), _files.IMAGE_EXTENSIONS
+    return load, (None if load is None else _files.IMAGE_EXTENSIONS)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:

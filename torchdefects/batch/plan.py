@@ -210,6 +210,42 @@ def image_map_loader(
     return load
 
 
+#: The flags (argparse dests) that describe a detector and its preprocessing.
+DETECTOR_FLAGS = ("detector", "map_output", "input_size", "mean", "std", "center_crop")
+
+
+def images_through_detector(
+    args: Any, paths: Optional[Sequence[str]], device: torch.device
+) -> Optional[Callable[[Any], np.ndarray]]:
+    """``path -> map`` for the images of ``--images`` scored by ``--detector``, built from the
+    same flags as ``run`` (``calibrate`` and ``evaluate`` take them too); ``None`` when
+    ``paths`` is ``None`` (``--maps``), where any detector flag is a usage error.
+
+    Raises:
+        RunUsageError: a detector flag without ``--images``, ``--images`` without
+            ``--detector``, or a detector that cannot be loaded.
+    """
+    if paths is None:
+        used = [f for f in DETECTOR_FLAGS if getattr(args, f, None) is not None]
+        if used:
+            raise RunUsageError(f"--{used[0].replace('_', '-')} goes with --images")
+        return None
+    if getattr(args, "detector", None) is None:
+        raise RunUsageError("--images needs --detector MODEL to turn images into maps")
+    detector, meta = load_detector(args.detector, device)
+    prep = preprocess_from(
+        meta,
+        getattr(args, "input_size", None),
+        getattr(args, "mean", None),
+        getattr(args, "std", None),
+        getattr(args, "center_crop", None),
+    )
+    key = getattr(args, "map_output", None)
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)  # a tuple index, as run's --map-output parses it
+    return image_map_loader(paths, detector, prep, key, device)
+
+
 def load_detector(path: str, device: torch.device) -> Tuple[Any, Dict[str, Any]]:
     """A detector file and its preprocessing metadata: TorchScript, or ONNX (``.onnx``,
     run by onnxruntime from the ``onnx`` extra; its outputs come back by name)."""
