@@ -214,8 +214,7 @@ class _ExportModule(nn.Module):
             out = self.detector(inputs)
             anomaly_map = _pick_map(out, self.output)
             if self.score_output is not False:
-                sel = None if self.score_output is None else self.score_output
-                image_score = _pick_score(out, sel, auto=self.score_output is None)
+                image_score = _pick_score(out, self.score_output, auto=self.score_output is None)
         out = self.head(anomaly_map, pixel_threshold, image_score)
         fields = out._asdict()
         if self.mask_uint8:
