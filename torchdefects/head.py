@@ -16,6 +16,7 @@ from torchdefects._check import (
     _is_tracing,
     _number_or_tensor,
 )
+from torchdefects._fill_label import _fill_label_regions
 from torchdefects.components import connected_components
 from torchdefects.config import DefectsConfig
 from torchdefects.ellipse import dilate_ellipse
@@ -415,6 +416,7 @@ class DefectHead(nn.Module):
         thr = thr.to(device=x.device, dtype=cmp_dtype)
         # NaN fails every comparison, so x == x is "not NaN" in one pass.
         allowed = xc == xc
+        not_nan = allowed
         if self.has_roi:
             allowed = allowed & _roi_mask(self.roi, height, width)
         scored = x
@@ -429,6 +431,7 @@ class DefectHead(nn.Module):
                 )
             xs = scored if scored.dtype == cmp_dtype else scored.to(cmp_dtype)
             gate = xs == xs
+            not_nan = gate
             if self.has_roi:
                 gate = gate & _roi_mask(self.roi, height, width)
         if self.hysteresis:
@@ -445,6 +448,15 @@ class DefectHead(nn.Module):
             mask = opening(mask, self.open_ksize)
         if self.close_ksize > 0:
             mask = closing(mask, self.close_ksize) & gate
+        if with_stats and self.fill_holes and self.dilate_ksize == 0 and batch * height * width > 0:
+            # One pass for holes, labels and statistics. The gate after filling is implied:
+            # a pixel outside the ROI rectangle reaches the border through background, so it
+            # is never in a hole; a NaN pixel may be, and then the pass declines.
+            done, labels, counts, regions = _fill_label_regions(
+                mask, self.connectivity, scored, not_nan
+            )
+            if done:
+                return scored, xc, allowed, thr, labels, counts, regions
         if self.fill_holes:
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:

@@ -181,7 +181,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
 
 def _run_stats(
     anomaly_map: Optional[Tensor],
-    fg: Tensor,
+    fg: Optional[Tensor],
     start: Tensor,
     end: Tensor,
     length: Tensor,
@@ -193,18 +193,21 @@ def _run_stats(
     num_regions: int,
     num_pixels: int,
     score_dtype: torch.dtype,
+    nan_free: bool = False,
 ) -> Regions:
     """:class:`Regions` from the runs of the labeled pixels (``fg``, bool), in
     raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
     image, flat position ``first`` of its first pixel, and ``region``, its region's
     index over the batch (0-based, ``(batch_index, label)`` order). ``last_of_image``
     and ``first_of_image`` are the inclusive and exclusive running counts of regions
-    per image; ``num_regions`` and ``num_pixels`` the totals (positive)."""
+    per image; ``num_regions`` and ``num_pixels`` the totals (positive). ``fg`` is read on
+    eager CPU only (may be None elsewhere); ``nan_free``: no region pixel of the map is NaN
+    (the NaN handling is skipped)."""
     device = start.device
     # Scores per run: the map over every run pixel, run after run in raster order.
     if anomaly_map is not None:
         run = length  # each pixel's run: read only while exporting
-        if _eager_cpu(fg):
+        if fg is not None and _eager_cpu(fg):
             # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
             pos = _flat_nonzero(fg.reshape(-1))
         elif _exporting():
@@ -223,12 +226,17 @@ def _run_stats(
         values = anomaly_map.reshape(-1).index_select(0, pos)
         if values.dtype != score_dtype:
             values = values.to(score_dtype)
-        # NaN is the one value that differs from itself.
-        ok = values == values
-        run_max = _reduce(torch.where(ok, values, float("-inf")), "max", length, run)
-        run_sum = _reduce(torch.where(ok, values.to(torch.float64), 0.0), "sum", length, run)
-        # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
-        valid = _reduce(ok.to(torch.float32), "sum", length, run).to(torch.int64)
+        if nan_free:
+            run_max = _reduce(values, "max", length, run)
+            run_sum = _reduce(values.to(torch.float64), "sum", length, run)
+            valid = length
+        else:
+            # NaN is the one value that differs from itself.
+            ok = values == values
+            run_max = _reduce(torch.where(ok, values, float("-inf")), "max", length, run)
+            run_sum = _reduce(torch.where(ok, values.to(torch.float64), 0.0), "sum", length, run)
+            # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
+            valid = _reduce(ok.to(torch.float32), "sum", length, run).to(torch.int64)
     else:
         valid = length
         run_max = torch.empty(0, dtype=score_dtype, device=device)
@@ -275,10 +283,13 @@ def _run_stats(
             total = torch.segment_reduce(
                 run_sum.index_select(0, order), "sum", lengths=sums.select(1, 3)
             )
-        count = sums.select(1, 4)
         # float64 over int64: float64.
-        mean = total / count
-        score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
+        if nan_free:
+            score_mean = (total / area).to(score_dtype)
+        else:
+            count = sums.select(1, 4)
+            mean = total / count
+            score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
 
     return Regions(
         batch_index=batch_index,
