@@ -26,21 +26,27 @@ whenever no pixel of the map is NaN; the caller runs that pair instead when one 
 pixel inside a hole stays background there, which this pass cannot express).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchdefects._runs import _eager_cpu, _flat_nonzero
+from torchdefects._runs import _flat_nonzero
 from torchdefects.components import _union_find_forest, _union_find_from
-from torchdefects.regions import Regions, _empty_regions, _run_stats
+from torchdefects.regions import Regions, _empty_regions, _run_stats, _select_index, _take
 
 __all__ = []  # type: ignore[var-annotated]
 
 
 def _fill_label_regions(
-    mask: Tensor, connectivity: int, anomaly_map: Tensor, map_ok: Tensor
+    mask: Tensor,
+    connectivity: int,
+    anomaly_map: Tensor,
+    map_ok: Tensor,
+    select: bool = False,
+    min_area: int = 0,
+    max_regions: Optional[int] = None,
 ) -> Tuple[bool, Tensor, Tensor, Regions]:
     """``(done, labels, counts, regions)`` of the filled mask; see the module docstring.
 
@@ -51,7 +57,10 @@ def _fill_label_regions(
         map_ok: bool :math:`(B, 1, H, W)`, False on the NaN pixels of ``anomaly_map``.
 
     ``done`` is False (and the rest is not meaningful) when ``map_ok`` is not all True; the
-    check costs no extra host synchronization (it rides on the read of the sizes).
+    check costs no extra host synchronization (it rides on the read of the sizes). With
+    ``select``, the result is that of :func:`~torchdefects.select_regions` (``min_area``,
+    ``max_regions``) on top: the labels of the chosen regions, the number of them per image
+    in place of the counts, and the chosen regions in its order.
     """
     b, h, w = mask.shape[0], mask.shape[-2], mask.shape[-1]
     w2, h2 = w + 2, h + 2
@@ -118,29 +127,28 @@ def _fill_label_regions(
     last = torch.cumsum(counts, 0)
     before = last - counts
     label = torch.where(filled, number - before.index_select(0, image), 0)
-    labels_padded = label.to(torch.int32).index_select(0, count)
-    labels = labels_padded.view(b, h2, w2).narrow(1, 1, h).narrow(2, 1, w).reshape(mask.shape)
 
     # Region statistics from the filled segments (positions in the padded grid).
     keep = _flat_nonzero(filled)
-    x = first - row * w2 - 1
-    y = row - image * h2 - 1
+    x = torch.remainder(first, w2) - 1
+    y = torch.remainder(row, h2) - 1
     cols = torch.stack([first, stop - first, x, y, number - 1], 1).index_select(0, keep)
     pos, length, x, y, region = cols.unbind(1)
     sizes = int(torch.where(map_ok.all(), counts.sum() * (total + 1) + length.sum(), -1))
     score_dtype = torch.float64 if anomaly_map.dtype == torch.float64 else torch.float32
     if sizes < 0:
-        return False, labels, counts, _empty_regions(device, score_dtype)
+        return False, counts, counts, _empty_regions(device, score_dtype)
     num_regions, num_pixels = sizes // (total + 1), sizes % (total + 1)
     if num_regions == 0:
-        return True, labels, counts, _empty_regions(device, score_dtype)
-    dense: Optional[Tensor] = None
-    if not torch.jit.is_scripting():  # noqa: SIM102
-        if _eager_cpu(labels_padded):
-            dense = labels_padded != 0  # NumPy lists the pixel positions on CPU
+        return (
+            True,
+            _paint_padded(label, count, mask.shape),
+            counts,
+            _empty_regions(device, score_dtype),
+        )
     regions = _run_stats(
         F.pad(anomaly_map.reshape(b, h, w), [1, 1, 1, 1]),
-        dense,
+        None,
         x,
         x + length,
         length,
@@ -153,5 +161,22 @@ def _fill_label_regions(
         num_pixels,
         score_dtype,
         True,
+        # The pixels of the regions, in raster order (one listing, no per-run expansion).
+        _flat_nonzero(filled.index_select(0, count)),
     )
-    return True, labels, counts, regions
+    if select:
+        # select_regions, with its relabeling folded into the painting: a segment keeps its
+        # label when its region (``number``, from 1; 0 outside) is among the chosen rows.
+        index, counts = _select_index(regions, b, min_area, max_regions)
+        regions = _take(regions, index)
+        chosen = torch.zeros(num_regions + 1, dtype=torch.bool, device=device)
+        chosen = chosen.index_fill(0, index + 1, True)
+        label = torch.where(chosen.index_select(0, number), label, 0)
+    return True, _paint_padded(label, count, mask.shape), counts, regions
+
+
+def _paint_padded(label: Tensor, count: Tensor, shape: List[int]) -> Tensor:
+    """The label map of shape ``shape`` from the label of each segment of the padded batch."""
+    b, h, w = shape[0], shape[-2], shape[-1]
+    painted = label.to(torch.int32).index_select(0, count).view(b, h + 2, w + 2)
+    return painted.narrow(1, 1, h).narrow(2, 1, w).reshape(shape)

@@ -387,15 +387,21 @@ class DefectHead(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
     def _labels(
-        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], with_stats: bool
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Regions]]:
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor],
+        with_stats: bool,
+        select: bool = False,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Regions], bool]:
         """Conditioning, threshold, gates, morphology, labeling (and region statistics).
 
         Returns ``(scored, xc, allowed, thr, labels, counts, regions)``: the map regions are
         scored on (border-ignored and smoothed when configured, else the input), the raw map
         in the comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
         threshold, the labels and counts, and with ``with_stats`` their
-        :func:`~torchdefects.region_stats` (computed with the labeling, from its runs).
+        :func:`~torchdefects.region_stats` (computed with the labeling, from its runs). The
+        last item says whether ``select`` was applied: then the labels, counts and regions
+        are those of :func:`~torchdefects.select_regions` (``min_area``, ``max_regions``).
         """
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
@@ -453,19 +459,19 @@ class DefectHead(nn.Module):
             # a pixel outside the ROI rectangle reaches the border through background, so it
             # is never in a hole; a NaN pixel may be, and then the pass declines.
             done, labels, counts, regions = _fill_label_regions(
-                mask, self.connectivity, scored, not_nan
+                mask, self.connectivity, scored, not_nan, select, self.min_area, self.max_regions
             )
             if done:
-                return scored, xc, allowed, thr, labels, counts, regions
+                return scored, xc, allowed, thr, labels, counts, regions, select
         if self.fill_holes:
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:
             mask = dilate_ellipse(mask, self.dilate_ksize) & gate
         if with_stats:
             labels, counts, regions = _label_regions(mask, self.connectivity, scored)
-            return scored, xc, allowed, thr, labels, counts, regions
+            return scored, xc, allowed, thr, labels, counts, regions, False
         labels, counts = connected_components(mask, self.connectivity)
-        return scored, xc, allowed, thr, labels, counts, None
+        return scored, xc, allowed, thr, labels, counts, None, False
 
     def _image(
         self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
@@ -490,7 +496,9 @@ class DefectHead(nn.Module):
     def _run(
         self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
     ) -> _HeadOut:
-        x, xc, allowed, thr, labels, _, stats = self._labels(anomaly_map, pixel_threshold, True)
+        x, xc, allowed, thr, labels, counts, stats, selected = self._labels(
+            anomaly_map, pixel_threshold, True, not self.toolbox_regions
+        )
         assert stats is not None
         regions = stats
         sol: Optional[Tensor] = None
@@ -535,6 +543,8 @@ class DefectHead(nn.Module):
                 sol = full_sol.index_select(0, index)
             if self.merge:
                 merged = _merged_pairs(merged_into, table_label, keep_before, index)
+        elif selected:
+            num_regions = counts
         else:
             labels, regions, num_regions = select_regions(
                 labels, regions, x.shape[0], self.min_area, self.max_regions
@@ -683,7 +693,7 @@ class StaticDefectHead(DefectHead):
         ``K`` entries are the output. Same results as the eager forward (integers bit-equal;
         ``score_mean`` sums in another order, so equal to float32 rounding).
         """
-        x, xc, allowed, thr, labels, _, _ = self._labels(anomaly_map, pixel_threshold, False)
+        x, xc, allowed, thr, labels, _, _, _ = self._labels(anomaly_map, pixel_threshold, False)
         filters = (self.min_score_max, self.min_score_mean, self.min_fill_ratio)
         out = _static_regions(
             labels, x, self.min_area, self.capacity, filters + (self.max_aspect_ratio,)

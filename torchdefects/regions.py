@@ -194,6 +194,7 @@ def _run_stats(
     num_pixels: int,
     score_dtype: torch.dtype,
     nan_free: bool = False,
+    pixels: Optional[Tensor] = None,
 ) -> Regions:
     """:class:`Regions` from the runs of the labeled pixels (``fg``, bool), in
     raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
@@ -202,20 +203,23 @@ def _run_stats(
     and ``first_of_image`` are the inclusive and exclusive running counts of regions
     per image; ``num_regions`` and ``num_pixels`` the totals (positive). ``fg`` is read on
     eager CPU only (may be None elsewhere); ``nan_free``: no region pixel of the map is NaN
-    (the NaN handling is skipped)."""
+    (the NaN handling is skipped); ``pixels``: the flat positions of the run pixels in
+    ``anomaly_map``, ascending, when the caller has them (else they are listed here)."""
     device = start.device
     # Scores per run: the map over every run pixel, run after run in raster order.
     if anomaly_map is not None:
         run = length  # each pixel's run: read only while exporting
-        if fg is not None and _eager_cpu(fg):
-            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
-            pos = _flat_nonzero(fg.reshape(-1))
-        elif _exporting():
+        if _exporting():
             # ONNX has no repeat_interleave: owners by a prefix count.
             stop = torch.cumsum(length, 0)
             run = _owner(stop, num_pixels)
             shift = first - stop + length
             pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
+        elif pixels is not None:
+            pos = pixels
+        elif fg is not None and _eager_cpu(fg):
+            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
+            pos = _flat_nonzero(fg.reshape(-1))
         else:
             # Run i's pixels are first[i], first[i] + 1, ...: the pixel's index among all
             # run pixels, shifted by first[i] minus the pixels before run i.
@@ -385,6 +389,36 @@ def _take(regions: Regions, index: Tensor) -> Regions:
     )
 
 
+def _select_index(
+    regions: Regions, num_images: int, min_area: int, max_regions: Optional[int]
+) -> Tuple[Tensor, Tensor]:
+    """The rows of ``regions`` that :func:`select_regions` keeps, in its order, and the
+    number kept per image (int64 :math:`(B,)`)."""
+    device = regions.area.device
+    total = regions.area.shape[0]
+    drop = regions.area < min_area
+    # Lexicographic sort by successive stable sorts, least significant key first; the
+    # input is ordered by (batch_index, label) already. Dropped regions go last in
+    # their image, so the first max_regions of each image are the kept ones.
+    order = torch.sort(regions.area, descending=True, stable=True).indices
+    score = regions.score_max.index_select(0, order)
+    order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
+    group = (regions.batch_index * 2 + drop).index_select(0, order)
+    order = order.index_select(0, torch.sort(group, stable=True).indices)
+    batch = regions.batch_index.index_select(0, order)
+    # Rank of each region in its image: its position minus that of the image's first.
+    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
+    if max_regions is not None:
+        # Kept and within the first max_regions: for bools, a > b is a and not b.
+        chosen = (rank < max_regions) > drop.index_select(0, order)
+    else:
+        chosen = ~drop.index_select(0, order)
+    index = order.index_select(0, _flat_nonzero(chosen))
+    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
+    num_regions = num_regions.scatter_add(0, batch, chosen.to(torch.int64))
+    return index, num_regions
+
+
 def select_regions(
     labels: Tensor,
     regions: Regions,
@@ -417,26 +451,8 @@ def select_regions(
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = regions.area.device
     total = regions.area.shape[0]
-    drop = regions.area < min_area
-    # Lexicographic sort by successive stable sorts, least significant key first; the
-    # input is ordered by (batch_index, label) already. Dropped regions go last in
-    # their image, so the first max_regions of each image are the kept ones.
-    order = torch.sort(regions.area, descending=True, stable=True).indices
-    score = regions.score_max.index_select(0, order)
-    order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    group = (regions.batch_index * 2 + drop).index_select(0, order)
-    order = order.index_select(0, torch.sort(group, stable=True).indices)
-    batch = regions.batch_index.index_select(0, order)
-    # Rank of each region in its image: its position minus that of the image's first.
-    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
-    if max_regions is not None:
-        # Kept and within the first max_regions: for bools, a > b is a and not b.
-        chosen = (rank < max_regions) > drop.index_select(0, order)
-    else:
-        chosen = ~drop.index_select(0, order)
-    out = _take(regions, order.index_select(0, _flat_nonzero(chosen)))
-    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
-    num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
+    index, num_regions = _select_index(regions, num_images, min_area, max_regions)
+    out = _take(regions, index)
 
     # Nothing dropped: the labels stand (a shortcut that export, with unknown sizes, skips).
     if not _exporting() and out.area.shape[0] == total:
