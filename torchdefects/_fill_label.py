@@ -69,7 +69,7 @@ def _fill_label_regions(
     padded = F.pad(mask.reshape(b, h, w), [1, 1, 1, 1]).view(-1)
     # change[p]: pixel p starts a segment (p >= 1); its running count is p's segment.
     change = F.pad(padded.narrow(0, 1, total - 1) != padded.narrow(0, 0, total - 1), [1, 0])
-    count = torch.cumsum(change, 0, dtype=torch.int64 if total >= 2**31 else torch.int32)
+    count = torch.cumsum(change, 0, dtype=torch.int64)
     # Segment k covers [start[k], start[k + 1]); start[n] = total is a sentinel.
     start = F.pad(F.pad(_flat_nonzero(change), [1, 0]), [0, 1], value=float(total))
     n = start.shape[0] - 1
@@ -100,11 +100,12 @@ def _fill_label_regions(
 
     # Segments holding a row's last (pad) pixel hold a row end: the outside, pinned to 0.
     ends = count.index_select(0, torch.arange(w2 - 1, total, w2, device=device))
-    root = _union_find_forest(node.index_fill(0, ends.to(torch.int64), 0), a, c)
+    root = _union_find_forest(node.index_fill(0, ends, 0), a, c)
     filled = root != 0  # foreground, and background enclosed by it
-    hole = filled & (odd == 0)
-    left = torch.where(hole, node - 1, node)
-    right = torch.where(hole, node + 1, node)
+    # 1 on the holes: the filled segments that are not foreground (odd ones all are).
+    hole = filled.to(torch.int64) - odd
+    left = node - hole
+    right = node + hole
     a2 = [a, node, node, left, right]
     c2 = [c, left, right, node, node]
     if connectivity == 4:
@@ -112,7 +113,7 @@ def _fill_label_regions(
         # joins the foreground segment right above and below its first pixel (any other
         # one it touches there is the flank of a hole segment of that row).
         up = found | 1
-        touch = (start.index_select(0, up) < bound) & hole.repeat(2)
+        touch = (start.index_select(0, up) < bound) & (hole.repeat(2) != 0)
         up = torch.where(touch, up, me)
         a2 = a2 + [me, up]
         c2 = c2 + [up, me]

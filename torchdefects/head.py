@@ -22,7 +22,7 @@ from torchdefects.config import DefectsConfig
 from torchdefects.ellipse import dilate_ellipse
 from torchdefects.filters import border_ignore, smooth_map, smoothing_ksize
 from torchdefects.hysteresis import hysteresis_bounds, hysteresis_threshold
-from torchdefects.morphology import closing, fill_holes, opening
+from torchdefects.morphology import _square, closing, fill_holes, opening
 from torchdefects.region_filters import finalize_regions, merge_nearby, quantile_keep, region_keep
 from torchdefects.regions import Regions, _label_regions, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
@@ -400,8 +400,9 @@ class DefectHead(nn.Module):
         in the comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
         threshold, the labels and counts, and with ``with_stats`` their
         :func:`~torchdefects.region_stats` (computed with the labeling, from its runs). The
-        last item says whether ``select`` was applied: then the labels, counts and regions
-        are those of :func:`~torchdefects.select_regions` (``min_area``, ``max_regions``).
+        last item says whether the fused pass ran (:mod:`torchdefects._fill_label`; then no
+        pixel of the scored map is NaN, and with ``select`` the labels, counts and regions are
+        those of :func:`~torchdefects.select_regions` with ``min_area``, ``max_regions``).
         """
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
@@ -450,9 +451,15 @@ class DefectHead(nn.Module):
             mask = xs >= thr.view(batch, 1, 1, 1)
             if self.has_roi:
                 mask = mask & gate
-        if self.open_ksize > 0:
+        if self.open_ksize > 0 and self.close_ksize > 0:
+            # The opening's dilation and the closing's compose into one square of side
+            # open + close - 1 (windows clipped to a rectangle compose exactly).
+            mask = _square(mask, self.open_ksize, False)
+            mask = _square(mask, self.open_ksize + self.close_ksize - 1, True)
+            mask = _square(mask, self.close_ksize, False) & gate
+        elif self.open_ksize > 0:
             mask = opening(mask, self.open_ksize)
-        if self.close_ksize > 0:
+        elif self.close_ksize > 0:
             mask = closing(mask, self.close_ksize) & gate
         if with_stats and self.fill_holes and self.dilate_ksize == 0 and batch * height * width > 0:
             # One pass for holes, labels and statistics. The gate after filling is implied:
@@ -462,7 +469,7 @@ class DefectHead(nn.Module):
                 mask, self.connectivity, scored, not_nan, select, self.min_area, self.max_regions
             )
             if done:
-                return scored, xc, allowed, thr, labels, counts, regions, select
+                return scored, xc, allowed, thr, labels, counts, regions, True
         if self.fill_holes:
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:
@@ -474,13 +481,23 @@ class DefectHead(nn.Module):
         return scored, xc, allowed, thr, labels, counts, None, False
 
     def _image(
-        self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
+        self,
+        xc: Tensor,
+        allowed: Tensor,
+        num_regions: Tensor,
+        image_score: Optional[Tensor],
+        clean: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(roi_max, roi_mean, image_score, image_label)``."""
+        """``(roi_max, roi_mean, image_score, image_label)``; ``clean``: ``xc`` is known to
+        hold no NaN (the fused labeling checked it), so without an ROI nothing is masked."""
         batch, height, width = xc.shape[0], xc.shape[2], xc.shape[3]
-        roi_max, roi_mean = _masked_stats(
-            xc.reshape(batch, height * width), allowed.reshape(batch, height * width)
-        )
+        values = xc.reshape(batch, height * width)
+        if clean and not self.has_roi:
+            # _masked_stats with every pixel valid, the same reductions.
+            roi_max = values.amax(1).to(torch.float32)
+            roi_mean = (values.sum(1, dtype=torch.float64) / (height * width)).to(torch.float32)
+        else:
+            roi_max, roi_mean = _masked_stats(values, allowed.reshape(batch, height * width))
         if image_score is None:
             score = roi_max
         else:
@@ -496,7 +513,7 @@ class DefectHead(nn.Module):
     def _run(
         self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
     ) -> _HeadOut:
-        x, xc, allowed, thr, labels, counts, stats, selected = self._labels(
+        x, xc, allowed, thr, labels, counts, stats, fused = self._labels(
             anomaly_map, pixel_threshold, True, not self.toolbox_regions
         )
         assert stats is not None
@@ -543,13 +560,15 @@ class DefectHead(nn.Module):
                 sol = full_sol.index_select(0, index)
             if self.merge:
                 merged = _merged_pairs(merged_into, table_label, keep_before, index)
-        elif selected:
+        elif fused:
             num_regions = counts
         else:
             labels, regions, num_regions = select_regions(
                 labels, regions, x.shape[0], self.min_area, self.max_regions
             )
-        roi_max, roi_mean, score, label = self._image(xc, allowed, num_regions, image_score)
+        roi_max, roi_mean, score, label = self._image(
+            xc, allowed, num_regions, image_score, fused and not self.conditioned
+        )
         return _HeadOut(
             labels=labels,
             num_regions=num_regions,
