@@ -51,9 +51,9 @@ def _fill_label_regions(
     """``(done, labels, counts, regions)`` of the filled mask; see the module docstring.
 
     Args:
-        mask: bool :math:`(B, 1, H, W)`, not empty.
+        mask: bool :math:`(B, 1, H, W)` (4-D), not empty.
         connectivity: 4 or 8, of the foreground.
-        anomaly_map: float :math:`(B, 1, H, W)`, for the region scores.
+        anomaly_map: float :math:`(B, 1, H, W)` (4-D), for the region scores.
         map_ok: bool :math:`(B, 1, H, W)`, False on the NaN pixels of ``anomaly_map``.
 
     ``done`` is False (and the rest is not meaningful) when ``map_ok`` is not all True; the
@@ -66,7 +66,7 @@ def _fill_label_regions(
     w2, h2 = w + 2, h + 2
     total = b * h2 * w2
     device = mask.device
-    padded = F.pad(mask.reshape(b, h, w), [1, 1, 1, 1]).view(-1)
+    padded = F.pad(mask, [1, 1, 1, 1]).view(-1)
     # change[p]: pixel p starts a segment (p >= 1); its running count is p's segment.
     change = F.pad(padded.narrow(0, 1, total - 1) != padded.narrow(0, 0, total - 1), [1, 0])
     count = torch.cumsum(change, 0, dtype=torch.int64)
@@ -135,11 +135,12 @@ def _fill_label_regions(
     y = torch.remainder(row, h2) - 1
     cols = torch.stack([first, stop - first, x, y, number - 1], 1).index_select(0, keep)
     pos, length, x, y, region = cols.unbind(1)
-    sizes = int(torch.where(map_ok.all(), counts.sum() * (total + 1) + length.sum(), -1))
+    # The pixels of the regions, in raster order (one listing, no per-run expansion).
+    pixels = _flat_nonzero(filled.index_select(0, count))
+    num_regions = int(torch.where(map_ok.all(), counts.sum(), -1))
     score_dtype = torch.float64 if anomaly_map.dtype == torch.float64 else torch.float32
-    if sizes < 0:
+    if num_regions < 0:
         return False, counts, counts, _empty_regions(device, score_dtype)
-    num_regions, num_pixels = sizes // (total + 1), sizes % (total + 1)
     if num_regions == 0:
         return (
             True,
@@ -148,10 +149,10 @@ def _fill_label_regions(
             _empty_regions(device, score_dtype),
         )
     regions = _run_stats(
-        F.pad(anomaly_map.reshape(b, h, w), [1, 1, 1, 1]),
+        F.pad(anomaly_map, [1, 1, 1, 1]),
         None,
         x,
-        x + length,
+        x + length - 1,
         length,
         y,
         pos,
@@ -159,11 +160,10 @@ def _fill_label_regions(
         last,
         before,
         num_regions,
-        num_pixels,
+        pixels.shape[0],
         score_dtype,
         True,
-        # The pixels of the regions, in raster order (one listing, no per-run expansion).
-        _flat_nonzero(filled.index_select(0, count)),
+        pixels,
     )
     if select:
         # select_regions, with its relabeling folded into the painting: a segment keeps its
@@ -178,6 +178,6 @@ def _fill_label_regions(
 
 def _paint_padded(label: Tensor, count: Tensor, shape: List[int]) -> Tensor:
     """The label map of shape ``shape`` from the label of each segment of the padded batch."""
-    b, h, w = shape[0], shape[-2], shape[-1]
-    painted = label.to(torch.int32).index_select(0, count).view(b, h + 2, w + 2)
-    return painted.narrow(1, 1, h).narrow(2, 1, w).reshape(shape)
+    b, h, w = shape[0], shape[2], shape[3]
+    painted = label.to(torch.int32).index_select(0, count).view(b, 1, h + 2, w + 2)
+    return painted.narrow(2, 1, h).narrow(3, 1, w)

@@ -166,7 +166,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         anomaly_map,
         fg,
         start,
-        end,
+        end - 1,
         length,
         y,
         first,
@@ -183,7 +183,7 @@ def _run_stats(
     anomaly_map: Optional[Tensor],
     fg: Optional[Tensor],
     start: Tensor,
-    end: Tensor,
+    last_x: Tensor,
     length: Tensor,
     y: Tensor,
     first: Tensor,
@@ -197,7 +197,7 @@ def _run_stats(
     pixels: Optional[Tensor] = None,
 ) -> Regions:
     """:class:`Regions` from the runs of the labeled pixels (``fg``, bool), in
-    raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
+    raster order: columns ``start .. last_x`` (``length`` pixels) of row ``y`` of its
     image, flat position ``first`` of its first pixel, and ``region``, its region's
     index over the batch (0-based, ``(batch_index, label)`` order). ``last_of_image``
     and ``first_of_image`` are the inclusive and exclusive running counts of regions
@@ -248,15 +248,15 @@ def _run_stats(
 
     # Integer statistics, exact: per run, then per region by scatter.
     where = region.unsqueeze(1)
-    # A run adds start + ... + end - 1 to the sum of x.
-    sum_x = torch.div((start + end - 1) * length, 2, rounding_mode="floor")
+    # A run adds start + ... + last_x to the sum of x.
+    sum_x = torch.div((start + last_x) * length, 2, rounding_mode="floor")
     per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length), valid], 1)
     sums = torch.zeros((num_regions, 5), dtype=torch.int64, device=device)
     sums = sums.scatter_add(0, where.expand(-1, 5), per_run)
     where2 = where.expand(-1, 2)
     empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
     low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
-    last = torch.stack([end - 1, y], 1)
+    last = torch.stack([last_x, y], 1)
     high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
     area = sums.select(1, 0)
     # int64 over float64: true division in float64, exact operands (below 2**53).
@@ -363,7 +363,7 @@ def _label_regions(
         anomaly_map,
         fg,
         start,
-        end,
+        end - 1,
         length,
         y,
         row * w + start,
