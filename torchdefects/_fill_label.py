@@ -68,7 +68,7 @@ def _fill_label_regions(
     device = mask.device
     padded = F.pad(mask, [1, 1, 1, 1]).view(-1)
     # change[p]: pixel p starts a segment (p >= 1); its running count is p's segment.
-    change = F.pad(padded.narrow(0, 1, total - 1) != padded.narrow(0, 0, total - 1), [1, 0])
+    change = padded != F.pad(padded, [1, 0]).narrow(0, 0, total)
     count = torch.cumsum(change, 0, dtype=torch.int64)
     # Segment k covers [start[k], start[k + 1]); start[n] = total is a sentinel.
     start = F.pad(F.pad(_flat_nonzero(change), [1, 0]), [0, 1], value=float(total))

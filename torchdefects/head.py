@@ -494,7 +494,9 @@ class DefectHead(nn.Module):
         values = xc.reshape(batch, height * width)
         if clean and not self.has_roi:
             # _masked_stats with every pixel valid, the same reductions.
-            roi_max = values.amax(1).to(torch.float32)
+            roi_max = values.amax(1)
+            if roi_max.dtype != torch.float32:
+                roi_max = roi_max.to(torch.float32)
             roi_mean = (values.sum(1, dtype=torch.float64) / (height * width)).to(torch.float32)
         else:
             roi_max, roi_mean = _masked_stats(values, allowed.reshape(batch, height * width))
@@ -575,7 +577,7 @@ class DefectHead(nn.Module):
             regions=regions,
             roi_max=roi_max,
             roi_mean=roi_mean,
-            pixel_threshold=thr.to(torch.float32),
+            pixel_threshold=thr if thr.dtype == torch.float32 else thr.to(torch.float32),
             image_score=score,
             image_label=label,
             solidity=sol,

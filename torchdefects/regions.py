@@ -6,6 +6,7 @@ whatever the batch position. Integer statistics (area, bbox, centroid sums) are
 exact; score sums accumulate in float64.
 """
 
+import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -15,6 +16,10 @@ from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _p
 from torchdefects.components import _numbered_runs, connected_components
 
 __all__ = ["Regions", "region_stats", "select_regions"]
+
+# index_reduce (amin/amax per region) warns once that its API is beta; the call here is the
+# stable core of it (1-D index, include_self=False), tested on CPU and CUDA.
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 
 class Regions(NamedTuple):
@@ -246,18 +251,25 @@ def _run_stats(
         run_max = torch.empty(0, dtype=score_dtype, device=device)
         run_sum = torch.empty(0, dtype=torch.float64, device=device)
 
-    # Integer statistics, exact: per run, then per region by scatter.
-    where = region.unsqueeze(1)
+    # Integer statistics, exact: per run, then per region (integer sums and extrema do not
+    # depend on the order, so atomics on a GPU give the same bits).
     # A run adds start + ... + last_x to the sum of x.
     sum_x = torch.div((start + last_x) * length, 2, rounding_mode="floor")
     per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length), valid], 1)
     sums = torch.zeros((num_regions, 5), dtype=torch.int64, device=device)
-    sums = sums.scatter_add(0, where.expand(-1, 5), per_run)
-    where2 = where.expand(-1, 2)
     empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
-    low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
-    last = torch.stack([last_x, y], 1)
-    high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
+    first_xy = torch.stack([start, y], 1)
+    last_xy = torch.stack([last_x, y], 1)
+    if _exporting():
+        where = region.unsqueeze(1)
+        sums = sums.scatter_add(0, where.expand(-1, 5), per_run)
+        where2 = where.expand(-1, 2)
+        low = empty2.scatter_reduce(0, where2, first_xy, "amin", include_self=False)
+        high = empty2.scatter_reduce(0, where2, last_xy, "amax", include_self=False)
+    else:
+        sums = sums.index_add(0, region, per_run)
+        low = empty2.index_reduce(0, region, first_xy, "amin", include_self=False)
+        high = empty2.index_reduce(0, region, last_xy, "amax", include_self=False)
     area = sums.select(1, 0)
     # int64 over float64: true division in float64, exact operands (below 2**53).
     centroid = sums.narrow(1, 1, 2) / sums.narrow(1, 0, 1).to(torch.float64)
