@@ -451,17 +451,28 @@ class DefectHead(nn.Module):
             mask = xs >= thr.view(batch, 1, 1, 1)
             if self.has_roi:
                 mask = mask & gate
+        # The fused pass (holes, labels, statistics; _fill_label.py) runs on maps without NaN:
+        # without an ROI its gate after the closing is all True, and is only needed when the
+        # pass declines (a NaN pixel), so it is applied then.
+        fused = with_stats and self.fill_holes and self.dilate_ksize == 0
+        fused = fused and batch * height * width > 0
+        gate_closed = self.has_roi or not fused
+        closed = False
         if self.open_ksize > 0 and self.close_ksize > 0:
             # The opening's dilation and the closing's compose into one square of side
             # open + close - 1 (windows clipped to a rectangle compose exactly).
             mask = _square(mask, self.open_ksize, False)
             mask = _square(mask, self.open_ksize + self.close_ksize - 1, True)
-            mask = _square(mask, self.close_ksize, False) & gate
+            mask = _square(mask, self.close_ksize, False)
+            closed = True
         elif self.open_ksize > 0:
             mask = opening(mask, self.open_ksize)
         elif self.close_ksize > 0:
-            mask = closing(mask, self.close_ksize) & gate
-        if with_stats and self.fill_holes and self.dilate_ksize == 0 and batch * height * width > 0:
+            mask = closing(mask, self.close_ksize)
+            closed = True
+        if closed and gate_closed:
+            mask = mask & gate
+        if fused:
             # One pass for holes, labels and statistics. The gate after filling is implied:
             # a pixel outside the ROI rectangle reaches the border through background, so it
             # is never in a hole; a NaN pixel may be, and then the pass declines.
@@ -470,6 +481,8 @@ class DefectHead(nn.Module):
             )
             if done:
                 return scored, xc, allowed, thr, labels, counts, regions, True
+            if closed and not gate_closed:
+                mask = mask & gate
         if self.fill_holes:
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:
@@ -509,7 +522,7 @@ class DefectHead(nn.Module):
         if self.has_image_threshold:
             label = (score >= self.image_threshold.to(torch.float32)).to(torch.int64)
         else:
-            label = (num_regions > 0).to(torch.int64)
+            label = num_regions.clamp(max=1)  # 1 when a region was reported
         return roi_max, roi_mean, score, label
 
     def _run(

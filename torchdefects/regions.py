@@ -6,7 +6,6 @@ whatever the batch position. Integer statistics (area, bbox, centroid sums) are
 exact; score sums accumulate in float64.
 """
 
-import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -16,10 +15,6 @@ from torchdefects._runs import _eager_cpu, _exporting, _flat_nonzero, _owner, _p
 from torchdefects.components import _numbered_runs, connected_components
 
 __all__ = ["Regions", "region_stats", "select_regions"]
-
-# index_reduce (amin/amax per region) warns once that its API is beta; the call here is the
-# stable core of it (1-D index, include_self=False), tested on CPU and CUDA.
-warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta")
 
 
 class Regions(NamedTuple):
@@ -268,8 +263,11 @@ def _run_stats(
         high = empty2.scatter_reduce(0, where2, last_xy, "amax", include_self=False)
     else:
         sums = sums.index_add(0, region, per_run)
-        low = empty2.index_reduce(0, region, first_xy, "amin", include_self=False)
-        high = empty2.index_reduce(0, region, last_xy, "amax", include_self=False)
+        # scatter_reduce, not index_reduce: CUDA's index_reduce refuses to run under
+        # torch.use_deterministic_algorithms, even for integer extrema.
+        where2 = region.unsqueeze(1).expand(-1, 2)
+        low = empty2.scatter_reduce(0, where2, first_xy, "amin", include_self=False)
+        high = empty2.scatter_reduce(0, where2, last_xy, "amax", include_self=False)
     area = sums.select(1, 0)
     # int64 over float64: true division in float64, exact operands (below 2**53).
     centroid = sums.narrow(1, 1, 2) / sums.narrow(1, 0, 1).to(torch.float64)
