@@ -408,14 +408,16 @@ def _select_index(
     total = regions.area.shape[0]
     drop = regions.area < min_area
     # Lexicographic sort by successive stable sorts, least significant key first; the
-    # input is ordered by (batch_index, label) already. Dropped regions go last in
-    # their image, so the first max_regions of each image are the kept ones.
+    # input is ordered by (batch_index, label) already. A dropped region sorts as if its
+    # score were -inf: after every kept region of its image (kept ones that score -inf win
+    # the tie on area, as a dropped region is smaller than min_area), so the first
+    # max_regions of each image are the kept ones.
     order = torch.sort(regions.area, descending=True, stable=True).indices
-    score = regions.score_max.index_select(0, order)
+    score = torch.where(drop, float("-inf"), regions.score_max).index_select(0, order)
     order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    group = (regions.batch_index * 2 + drop).index_select(0, order)
-    order = order.index_select(0, torch.sort(group, stable=True).indices)
-    batch = regions.batch_index.index_select(0, order)
+    by_image = torch.sort(regions.batch_index.index_select(0, order), stable=True)
+    order = order.index_select(0, by_image.indices)
+    batch = by_image.values
     # Rank of each region in its image: its position minus that of the image's first.
     rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
     if max_regions is not None:
