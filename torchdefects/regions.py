@@ -348,8 +348,12 @@ def _label_regions(
     labels = labels.reshape(mask.shape)
 
     row, start, end = runs.row, runs.start, runs.end
-    length = end - start
     device = mask.device
+    if row.shape[0] == 0:
+        # No foreground (known from the shape, no read). Scripted on CUDA, the size read
+        # below came out non-zero for an empty 1x1 mask after other calls (H100, torch 2.11).
+        return labels, counts, _empty_regions(device, score_dtype)
+    length = end - start
     num_regions, num_pixels, traced = 0, 0, False
     if not torch.jit.is_scripting():  # noqa: SIM102
         if _exporting():
