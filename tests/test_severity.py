@@ -251,7 +251,9 @@ def test_severity_config_is_not_mutable_through_the_head():
     rules = [dict(r) for r in HEAD_RULES]
     head = DefectHead(head_config(severity_rules=rules))
     rules[0]["min_score_max"] = 0.0  # the caller's list changes later
-    assert head.severity_thresholds[0, SEVERITY_KEYS.index("min_score_max")] == 0.9
+    col = head.severity_columns.index(SEVERITY_KEYS.index("min_score_max"))
+    assert head.severity_columns == list(range(len(SEVERITY_KEYS)))  # every key is used
+    assert head.severity_thresholds[0, col] == 0.9
     assert head.severity_names == [r["name"] for r in HEAD_RULES]
     # .half() and .to() keep the rules in float64
     assert head.half().severity_thresholds.dtype == torch.float64
@@ -503,3 +505,23 @@ def test_overlay_names_severity(tmp_path):
         **kw,
     )  # fmt: skip
     assert np.array_equal(np.asarray(pic), np.asarray(named))  # the same picture
+
+
+def test_rules_without_conditions_and_unused_columns():
+    """A rule with no condition holds for every region (the head then computes no feature
+    column); a head computes only the columns its rules test."""
+    x = head_maps()
+    cfg = head_config(severity_rules=[{"name": "any"}], max_regions=3)
+    head = DefectHead(cfg)
+    assert head.severity_columns == []
+    out = head(x)
+    assert (out.severity == 0).all() and out.severity.shape[0] > 0
+    want = [0 if n else -1 for n in out.num_regions.tolist()]
+    assert out.image_severity.tolist() == want
+    assert torch.equal(torch.jit.script(head)(x).severity, out.severity)
+    static = DefectHead(cfg, static_output=True)
+    assert torch.equal(static._forward_static(x).severity, static(x).severity)
+    assert torch.equal(torch.jit.script(static)(x).image_severity, out.image_severity)
+    two = DefectHead(head_config(severity_rules=[{"name": "big", "min_area": 9}, {"name": "x"}]))
+    assert two.severity_columns == [SEVERITY_KEYS.index("min_area")]
+    assert two.severity_thresholds.tolist() == [[9.0], [0.0]]

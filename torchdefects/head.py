@@ -315,6 +315,8 @@ class DefectHead(nn.Module):
     has_severity: Final[bool]
     has_units: Final[bool]
     pixel_size_mm: Final[float]
+    severity_columns: List[int]
+    severity_names: List[str]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DefectHead":
         static = kwargs.get("static_output", args[1] if len(args) > 1 else False)
@@ -393,12 +395,18 @@ class DefectHead(nn.Module):
         # Severity (docs/postprocessing.md): the rules as (N, C) tables, outside the state dict
         # (the config carries them); float64 like the thresholds.
         rules = parse_severity_rules(config.severity_rules or [], config.pixel_size_mm is not None)
-        self.severity_names: List[str] = rules.names
+        self.severity_names = rules.names
         self.has_severity = config.severity_rules is not None
         self.has_units = config.pixel_size_mm is not None
         self.pixel_size_mm = float(config.pixel_size_mm or 1.0)
-        self.register_buffer("severity_thresholds", rules.thresholds, persistent=False)
-        self.register_buffer("severity_active", rules.active, persistent=False)
+        # Only the columns some rule tests are computed (SEVERITY_KEYS indices).
+        used = [c for c in range(rules.active.shape[1]) if bool(rules.active[:, c].any())]
+        self.severity_columns = used
+        self.register_buffer(
+            "severity_thresholds", rules.thresholds[:, used].contiguous(), persistent=False
+        )
+        active = rules.active[:, used].contiguous()
+        self.register_buffer("severity_active", active, persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         kept = {"threshold": self.threshold, "image_threshold": self.image_threshold}
@@ -540,7 +548,7 @@ class DefectHead(nn.Module):
         mm: Optional[Tensor] = None
         if self.has_units:
             mm = self._mm_per_image(map_to_image, batch, area.device).index_select(0, batch_index)
-        feats = _feature_table(area, bbox_xyxy, score_max, score_mean, mm)
+        feats = _feature_table(area, bbox_xyxy, score_max, score_mean, mm, self.severity_columns)
         return _first_rule(feats, self.severity_thresholds, self.severity_active)
 
     def _run(
@@ -717,6 +725,9 @@ class StaticDefectHead(DefectHead):
     """
 
     capacity: Final[int]
+    # Redeclared: TorchScript reads a module's own class annotations (an empty list needs one).
+    severity_columns: List[int]
+    severity_names: List[str]
 
     def __init__(self, config: DefectsConfig, static_output: bool = True) -> None:
         if static_output is not True:

@@ -229,28 +229,40 @@ def _feature_table(
     score_max: Tensor,
     score_mean: Tensor,
     mm_xy: Optional[Tensor],
+    columns: List[int],
 ) -> Tensor:
-    """:func:`severity_features` from plain tensors (the head's form: scriptable, exportable).
+    """The ``columns`` of :func:`severity_features` from plain tensors (the head's form:
+    scriptable, exportable, only the columns some rule tests).
 
     ``mm_xy``: float64 :math:`(R, 2)`, a map pixel's size in mm per region, or None (the mm
     columns are NaN). The aspect ratio is :func:`~torchdefects.shape_stats`' formula.
+    Returns float64 :math:`(R, len(columns))`.
     """
     n = area.shape[0]
-    nan = torch.full((n,), float("nan"), dtype=torch.float64, device=area.device)
+    f64 = torch.float64
+    nan = torch.full((n,), float("nan"), dtype=f64, device=area.device)
     area_mm2 = nan
     length_mm = nan
-    if mm_xy is not None:
+    if mm_xy is not None and (3 in columns or 4 in columns):
         area_mm2, _, length_mm = _mm_geometry(area, bbox_xyxy, mm_xy)
-    w = (bbox_xyxy[:, 2] - bbox_xyxy[:, 0] + 1).to(torch.float64)
-    h = (bbox_xyxy[:, 3] - bbox_xyxy[:, 1] + 1).to(torch.float64)
-    cols = [
-        area.to(torch.float64),
-        score_max.to(torch.float64),
-        score_mean.to(torch.float64),
-        area_mm2,
-        length_mm,
-        torch.maximum(w / h, h / w),
-    ]
+    cols: List[Tensor] = []
+    for c in columns:
+        if c == 0:
+            cols.append(area.to(f64))
+        elif c == 1:
+            cols.append(score_max.to(f64))
+        elif c == 2:
+            cols.append(score_mean.to(f64))
+        elif c == 3:
+            cols.append(area_mm2)
+        elif c == 4:
+            cols.append(length_mm)
+        else:
+            w = (bbox_xyxy[:, 2] - bbox_xyxy[:, 0] + 1).to(f64)
+            h = (bbox_xyxy[:, 3] - bbox_xyxy[:, 1] + 1).to(f64)
+            cols.append(torch.maximum(w / h, h / w))
+    if len(cols) == 0:
+        return torch.zeros(n, 0, dtype=f64, device=area.device)
     return torch.stack(cols, 1)
 
 
