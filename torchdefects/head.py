@@ -232,7 +232,7 @@ class DefectHead(nn.Module):
     :func:`~torchdefects.closing`, :func:`~torchdefects.fill_holes`,
     :func:`~torchdefects.connected_components`, :func:`~torchdefects.region_stats`,
     :func:`~torchdefects.select_regions` and :func:`~torchdefects.roi_stats`; see them for the
-    exact semantics. Two rules are the head's own:
+    exact semantics. The head's own rules:
 
     - **ROI and NaN gate.** A pixel outside the ROI or whose map value is NaN is never
       foreground, after any stage: the threshold excludes them, and the head removes them
@@ -246,6 +246,10 @@ class DefectHead(nn.Module):
       region. The comparison is in float32 (the threshold rounded to float32, like the pixel
       threshold for float32 maps), so a score printed as 0.9 meets a threshold of 0.9. A NaN
       image score is never defective by threshold.
+    - **Severity.** With ``config.severity_rules`` each reported region takes the index of the
+      first rule whose conditions all hold (``Defects.severity``, -1 for none) and each image
+      its lowest region index (``Defects.image_severity``); millimetre conditions use
+      ``pixel_size_mm`` times ``map_to_image`` (docs/postprocessing.md, "Units and severity").
 
     The threshold, the image threshold and the ROI are buffers in float64 (``threshold``,
     ``image_threshold``, ``roi``), so they follow ``.to(device)``; ``threshold`` and ``roi``
@@ -267,6 +271,10 @@ class DefectHead(nn.Module):
         - pixel_threshold: a number (eager only), a scalar tensor or :math:`(B,)`; overrides
           the config's threshold.
         - image_score: optional scalar or :math:`(B,)` tensor, the detector's image scores.
+        - map_to_image: optional ``(sx, sy)`` (eager), :math:`(2,)` or :math:`(B, 2)` tensor,
+          > 0: how many original-image pixels a map pixel spans, for ``pixel_size_mm``
+          severity rules (a map pixel is ``pixel_size_mm * (sx, sy)`` mm); default
+          ``(1, 1)``. Exported graphs take no such input and use ``(1, 1)``.
         - Output: :class:`Defects`, masks and labels :math:`(B, 1, H, W)` whatever the input.
 
     Raises:
