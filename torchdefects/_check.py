@@ -55,7 +55,12 @@ def _check_bool_mask(x: Tensor, name: str) -> None:
 
 def _as_per_image(x: Tensor, batch: int, name: str) -> Tensor:
     """Return ``x`` as (B,); accept a scalar tensor, shape (1,) or shape (B,)."""
-    if x.dtype == torch.bool or x.is_complex():
+    if (
+        x.dtype == torch.bool
+        or x.dtype == torch.complex64
+        or x.dtype == torch.complex128
+        or x.dtype == torch.complex32
+    ):
         raise TypeError(f"{name} must be a real number tensor, got {str(x.dtype)}")
     if x.dim() == 0:
         return x.expand(batch)

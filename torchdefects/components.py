@@ -108,7 +108,14 @@ def _union_find(num_nodes: int, a: Tensor, b: Tensor) -> Tensor:
     synchronization per two rounds (the check); under torch.export the loop is a
     ``while_loop`` (TorchScript cannot compile one).
     """
-    parent = _hook_and_jump(torch.arange(num_nodes, device=a.device), a, b)
+    return _union_find_forest(torch.arange(num_nodes, device=a.device), a, b)
+
+
+def _union_find_forest(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """:func:`_union_find` from ``parent``: every node its own root, or a child of a
+    smaller root (a component known in advance, pinned to its root)."""
+    # Roots hook as they are: the first round needs no gather of parents.
+    parent = _hook_and_jump(parent, a, b)
     if not torch.jit.is_scripting():  # noqa: SIM102
         if _exporting():
             return _union_find_traced(parent, a, b)
@@ -120,6 +127,19 @@ def _union_find(num_nodes: int, a: Tensor, b: Tensor) -> Tensor:
     while not torch.equal(pa, pb):
         parent = _hook_and_jump(parent, pa, pb)
         parent = _hook_and_jump(parent, parent.index_select(0, a), parent.index_select(0, b))
+        pa = parent.index_select(0, a)
+        pb = parent.index_select(0, b)
+    return parent
+
+
+def _union_find_from(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """:func:`_union_find` from a finished forest ``parent`` and edges ``(a, b)`` of which
+    only a few join two of its trees: a check before every round (none when ``parent``
+    already joins every edge)."""
+    pa = parent.index_select(0, a)
+    pb = parent.index_select(0, b)
+    while not torch.equal(pa, pb):
+        parent = _hook_and_jump(parent, pa, pb)
         pa = parent.index_select(0, a)
         pb = parent.index_select(0, b)
     return parent

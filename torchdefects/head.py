@@ -16,12 +16,13 @@ from torchdefects._check import (
     _is_tracing,
     _number_or_tensor,
 )
+from torchdefects._fill_label import _fill_label_regions
 from torchdefects.components import connected_components
 from torchdefects.config import DefectsConfig
 from torchdefects.ellipse import dilate_ellipse
 from torchdefects.filters import border_ignore, smooth_map, smoothing_ksize
 from torchdefects.hysteresis import hysteresis_bounds, hysteresis_threshold
-from torchdefects.morphology import closing, fill_holes, opening
+from torchdefects.morphology import _square, closing, fill_holes, opening
 from torchdefects.region_filters import finalize_regions, merge_nearby, quantile_keep, region_keep
 from torchdefects.regions import Regions, _label_regions, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
@@ -442,15 +443,22 @@ class DefectHead(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
 
     def _labels(
-        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], with_stats: bool
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Regions]]:
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor],
+        with_stats: bool,
+        select: bool = False,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Regions], bool]:
         """Conditioning, threshold, gates, morphology, labeling (and region statistics).
 
         Returns ``(scored, xc, allowed, thr, labels, counts, regions)``: the map regions are
         scored on (border-ignored and smoothed when configured, else the input), the raw map
         in the comparison dtype and its NaN/ROI gate (for the ROI statistics), the per-image
         threshold, the labels and counts, and with ``with_stats`` their
-        :func:`~torchdefects.region_stats` (computed with the labeling, from its runs).
+        :func:`~torchdefects.region_stats` (computed with the labeling, from its runs). The
+        last item says whether the fused pass ran (:mod:`torchdefects._fill_label`; then no
+        pixel of the scored map is NaN, and with ``select`` the labels, counts and regions are
+        those of :func:`~torchdefects.select_regions` with ``min_area``, ``max_regions``).
         """
         _check_float_map(anomaly_map, "anomaly_map")
         x = _as_b1hw(anomaly_map, "anomaly_map")
@@ -471,6 +479,7 @@ class DefectHead(nn.Module):
         thr = thr.to(device=x.device, dtype=cmp_dtype)
         # NaN fails every comparison, so x == x is "not NaN" in one pass.
         allowed = xc == xc
+        not_nan = allowed
         if self.has_roi:
             allowed = allowed & _roi_mask(self.roi, height, width)
         scored = x
@@ -485,6 +494,7 @@ class DefectHead(nn.Module):
                 )
             xs = scored if scored.dtype == cmp_dtype else scored.to(cmp_dtype)
             gate = xs == xs
+            not_nan = gate
             if self.has_roi:
                 gate = gate & _roi_mask(self.roi, height, width)
         if self.hysteresis:
@@ -497,28 +507,68 @@ class DefectHead(nn.Module):
             mask = xs >= thr.view(batch, 1, 1, 1)
             if self.has_roi:
                 mask = mask & gate
-        if self.open_ksize > 0:
+        # The fused pass (holes, labels, statistics; _fill_label.py) runs on maps without NaN:
+        # without an ROI its gate after the closing is all True, and is only needed when the
+        # pass declines (a NaN pixel), so it is applied then.
+        fused = with_stats and self.fill_holes and self.dilate_ksize == 0
+        fused = fused and batch * height * width > 0
+        gate_closed = self.has_roi or not fused
+        closed = False
+        if self.open_ksize > 0 and self.close_ksize > 0:
+            # The opening's dilation and the closing's compose into one square of side
+            # open + close - 1 (windows clipped to a rectangle compose exactly).
+            mask = _square(mask, self.open_ksize, False)
+            mask = _square(mask, self.open_ksize + self.close_ksize - 1, True)
+            mask = _square(mask, self.close_ksize, False)
+            closed = True
+        elif self.open_ksize > 0:
             mask = opening(mask, self.open_ksize)
-        if self.close_ksize > 0:
-            mask = closing(mask, self.close_ksize) & gate
+        elif self.close_ksize > 0:
+            mask = closing(mask, self.close_ksize)
+            closed = True
+        if closed and gate_closed:
+            mask = mask & gate
+        if fused:
+            # One pass for holes, labels and statistics. The gate after filling is implied:
+            # a pixel outside the ROI rectangle reaches the border through background, so it
+            # is never in a hole; a NaN pixel may be, and then the pass declines.
+            done, labels, counts, regions = _fill_label_regions(
+                mask, self.connectivity, scored, not_nan, select, self.min_area, self.max_regions
+            )
+            if done:
+                return scored, xc, allowed, thr, labels, counts, regions, True
+            if closed and not gate_closed:
+                mask = mask & gate
         if self.fill_holes:
             mask = fill_holes(mask) & gate
         if self.dilate_ksize > 0:
             mask = dilate_ellipse(mask, self.dilate_ksize) & gate
         if with_stats:
             labels, counts, regions = _label_regions(mask, self.connectivity, scored)
-            return scored, xc, allowed, thr, labels, counts, regions
+            return scored, xc, allowed, thr, labels, counts, regions, False
         labels, counts = connected_components(mask, self.connectivity)
-        return scored, xc, allowed, thr, labels, counts, None
+        return scored, xc, allowed, thr, labels, counts, None, False
 
     def _image(
-        self, xc: Tensor, allowed: Tensor, num_regions: Tensor, image_score: Optional[Tensor]
+        self,
+        xc: Tensor,
+        allowed: Tensor,
+        num_regions: Tensor,
+        image_score: Optional[Tensor],
+        clean: bool = False,
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(roi_max, roi_mean, image_score, image_label)``."""
+        """``(roi_max, roi_mean, image_score, image_label)``; ``clean``: ``xc`` is known to
+        hold no NaN (the fused labeling checked it), so without an ROI nothing is masked."""
         batch, height, width = xc.shape[0], xc.shape[2], xc.shape[3]
-        roi_max, roi_mean = _masked_stats(
-            xc.reshape(batch, height * width), allowed.reshape(batch, height * width)
-        )
+        values = xc.reshape(batch, height * width)
+        if clean and not self.has_roi:
+            # _masked_stats with every pixel valid, the same reductions.
+            roi_max = values.amax(1)
+            if roi_max.dtype != torch.float32:
+                roi_max = roi_max.to(torch.float32)
+            roi_mean = (values.sum(1, dtype=torch.float64) / (height * width)).to(torch.float32)
+        else:
+            roi_max, roi_mean = _masked_stats(values, allowed.reshape(batch, height * width))
         if image_score is None:
             score = roi_max
         else:
@@ -528,7 +578,7 @@ class DefectHead(nn.Module):
         if self.has_image_threshold:
             label = (score >= self.image_threshold.to(torch.float32)).to(torch.int64)
         else:
-            label = (num_regions > 0).to(torch.int64)
+            label = num_regions.clamp(max=1)  # 1 when a region was reported
         return roi_max, roi_mean, score, label
 
     def _mm_per_image(
@@ -566,7 +616,9 @@ class DefectHead(nn.Module):
         image_score: Optional[Tensor],
         map_to_image: Optional[Tensor] = None,
     ) -> _HeadOut:
-        x, xc, allowed, thr, labels, _, stats = self._labels(anomaly_map, pixel_threshold, True)
+        x, xc, allowed, thr, labels, counts, stats, fused = self._labels(
+            anomaly_map, pixel_threshold, True, not self.toolbox_regions
+        )
         assert stats is not None
         regions = stats
         sol: Optional[Tensor] = None
@@ -611,11 +663,15 @@ class DefectHead(nn.Module):
                 sol = full_sol.index_select(0, index)
             if self.merge:
                 merged = _merged_pairs(merged_into, table_label, keep_before, index)
+        elif fused:
+            num_regions = counts
         else:
             labels, regions, num_regions = select_regions(
                 labels, regions, x.shape[0], self.min_area, self.max_regions
             )
-        roi_max, roi_mean, score, label = self._image(xc, allowed, num_regions, image_score)
+        roi_max, roi_mean, score, label = self._image(
+            xc, allowed, num_regions, image_score, fused and not self.conditioned
+        )
         severity: Optional[Tensor] = None
         image_severity: Optional[Tensor] = None
         if self.has_severity:
@@ -635,7 +691,7 @@ class DefectHead(nn.Module):
             regions=regions,
             roi_max=roi_max,
             roi_mean=roi_mean,
-            pixel_threshold=thr.to(torch.float32),
+            pixel_threshold=thr if thr.dtype == torch.float32 else thr.to(torch.float32),
             image_score=score,
             image_label=label,
             solidity=sol,
@@ -826,7 +882,7 @@ class StaticDefectHead(DefectHead):
         ``K`` entries are the output. Same results as the eager forward (integers bit-equal;
         ``score_mean`` sums in another order, so equal to float32 rounding).
         """
-        x, xc, allowed, thr, labels, _, _ = self._labels(anomaly_map, pixel_threshold, False)
+        x, xc, allowed, thr, labels, _, _, _ = self._labels(anomaly_map, pixel_threshold, False)
         filters = (self.min_score_max, self.min_score_mean, self.min_fill_ratio)
         out = _static_regions(
             labels, x, self.min_area, self.capacity, filters + (self.max_aspect_ratio,)

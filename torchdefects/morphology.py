@@ -6,8 +6,8 @@ outside the image are ignored (a window is clipped to the image). A flat square 
 so each operation is a row pass then a column pass, and each pass is a running boolean OR
 (dilation) or AND (erosion) over shifted views of the mask, padded once (both dimensions)
 with the neutral value. Windows up to 3 take one shift per offset; wider ones are built by
-doubling (1, 2, 4, ... then one last shift), so a pass costs ``O(log k)`` whole-mask boolean
-operations.
+halving (a window of k is two windows of ceil(k / 2)), so a pass costs ``O(log k)``
+whole-mask boolean operations.
 """
 
 import torch
@@ -32,31 +32,29 @@ def _window_pass(a: Tensor, ksize: int, dim: int, n: int, is_dilation: bool) -> 
     ``a`` holds ``n + ksize - 1`` entries along ``dim`` (the mask padded with the neutral
     value); entry ``i`` of the result reduces entries ``i .. i + ksize - 1``.
     """
-    if ksize <= 3:
-        # Small windows: one shifted view per offset costs fewer ops than doubling.
-        out = a.narrow(dim, 0, n)
-        for i in range(1, ksize):
-            if is_dilation:
-                out = out | a.narrow(dim, i, n)
-            else:
-                out = out & a.narrow(dim, i, n)
-        return out
-    length = n + ksize - 1
-    s = 1
-    # Invariant: a[i] reduces the padded mask over [i, i + s); a has length - s + 1 entries.
-    while 2 * s <= ksize:
-        m = length - 2 * s + 1
+    # Windows above 3 are two windows of s = ceil(k / 2), offset by k - s: the sizes halve
+    # down to 3 or less (O(log k) passes), each level needed at n + ksize - k positions.
+    sizes = [ksize]
+    while sizes[-1] > 3:
+        sizes.append((sizes[-1] + 1) // 2)
+    k = sizes[-1]
+    m = n + ksize - k
+    # The smallest window: one shifted view per offset.
+    out = a.narrow(dim, 0, m)
+    for i in range(1, k):
         if is_dilation:
-            a = a.narrow(dim, 0, m) | a.narrow(dim, s, m)
+            out = out | a.narrow(dim, i, m)
         else:
-            a = a.narrow(dim, 0, m) & a.narrow(dim, s, m)
-        s = 2 * s
-    if s == ksize:
-        return a.narrow(dim, 0, n)
-    # Two windows of s, offset by ksize - s, cover [i, i + ksize) exactly (ksize < 2 s).
-    if is_dilation:
-        return a.narrow(dim, 0, n) | a.narrow(dim, ksize - s, n)
-    return a.narrow(dim, 0, n) & a.narrow(dim, ksize - s, n)
+            out = out & a.narrow(dim, i, m)
+    for j in range(len(sizes) - 2, -1, -1):
+        s = k
+        k = sizes[j]
+        m = n + ksize - k
+        if is_dilation:
+            out = out.narrow(dim, 0, m) | out.narrow(dim, k - s, m)
+        else:
+            out = out.narrow(dim, 0, m) & out.narrow(dim, k - s, m)
+    return out
 
 
 def _square(x: Tensor, ksize: int, is_dilation: bool) -> Tensor:

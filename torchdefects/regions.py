@@ -166,7 +166,7 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         anomaly_map,
         fg,
         start,
-        end,
+        end - 1,
         length,
         y,
         first,
@@ -181,9 +181,9 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
 
 def _run_stats(
     anomaly_map: Optional[Tensor],
-    fg: Tensor,
+    fg: Optional[Tensor],
     start: Tensor,
-    end: Tensor,
+    last_x: Tensor,
     length: Tensor,
     y: Tensor,
     first: Tensor,
@@ -193,26 +193,33 @@ def _run_stats(
     num_regions: int,
     num_pixels: int,
     score_dtype: torch.dtype,
+    nan_free: bool = False,
+    pixels: Optional[Tensor] = None,
 ) -> Regions:
     """:class:`Regions` from the runs of the labeled pixels (``fg``, bool), in
-    raster order: columns ``start .. end - 1`` (``length`` pixels) of row ``y`` of its
+    raster order: columns ``start .. last_x`` (``length`` pixels) of row ``y`` of its
     image, flat position ``first`` of its first pixel, and ``region``, its region's
     index over the batch (0-based, ``(batch_index, label)`` order). ``last_of_image``
     and ``first_of_image`` are the inclusive and exclusive running counts of regions
-    per image; ``num_regions`` and ``num_pixels`` the totals (positive)."""
+    per image; ``num_regions`` and ``num_pixels`` the totals (positive). ``fg`` is read on
+    eager CPU only (may be None elsewhere); ``nan_free``: no region pixel of the map is NaN
+    (the NaN handling is skipped); ``pixels``: the flat positions of the run pixels in
+    ``anomaly_map``, ascending, when the caller has them (else they are listed here)."""
     device = start.device
     # Scores per run: the map over every run pixel, run after run in raster order.
     if anomaly_map is not None:
         run = length  # each pixel's run: read only while exporting
-        if _eager_cpu(fg):
-            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
-            pos = _flat_nonzero(fg.reshape(-1))
-        elif _exporting():
+        if _exporting():
             # ONNX has no repeat_interleave: owners by a prefix count.
             stop = torch.cumsum(length, 0)
             run = _owner(stop, num_pixels)
             shift = first - stop + length
             pos = torch.arange(num_pixels, device=device) + shift.index_select(0, run)
+        elif pixels is not None:
+            pos = pixels
+        elif fg is not None and _eager_cpu(fg):
+            # Same positions, listed by NumPy: faster on CPU, and the sync is free there.
+            pos = _flat_nonzero(fg.reshape(-1))
         else:
             # Run i's pixels are first[i], first[i] + 1, ...: the pixel's index among all
             # run pixels, shifted by first[i] minus the pixels before run i.
@@ -223,29 +230,44 @@ def _run_stats(
         values = anomaly_map.reshape(-1).index_select(0, pos)
         if values.dtype != score_dtype:
             values = values.to(score_dtype)
-        # NaN is the one value that differs from itself.
-        ok = values == values
-        run_max = _reduce(torch.where(ok, values, float("-inf")), "max", length, run)
-        run_sum = _reduce(torch.where(ok, values.to(torch.float64), 0.0), "sum", length, run)
-        # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
-        valid = _reduce(ok.to(torch.float32), "sum", length, run).to(torch.int64)
+        if nan_free:
+            run_max = _reduce(values, "max", length, run)
+            run_sum = _reduce(values.to(torch.float64), "sum", length, run)
+            valid = length
+        else:
+            # NaN is the one value that differs from itself.
+            ok = values == values
+            run_max = _reduce(torch.where(ok, values, float("-inf")), "max", length, run)
+            run_sum = _reduce(torch.where(ok, values.to(torch.float64), 0.0), "sum", length, run)
+            # Pixels that are not NaN, per run (a run is shorter than 2**24: exact in float32).
+            valid = _reduce(ok.to(torch.float32), "sum", length, run).to(torch.int64)
     else:
         valid = length
         run_max = torch.empty(0, dtype=score_dtype, device=device)
         run_sum = torch.empty(0, dtype=torch.float64, device=device)
 
-    # Integer statistics, exact: per run, then per region by scatter.
-    where = region.unsqueeze(1)
-    # A run adds start + ... + end - 1 to the sum of x.
-    sum_x = torch.div((start + end - 1) * length, 2, rounding_mode="floor")
+    # Integer statistics, exact: per run, then per region (integer sums and extrema do not
+    # depend on the order, so atomics on a GPU give the same bits).
+    # A run adds start + ... + last_x to the sum of x.
+    sum_x = torch.div((start + last_x) * length, 2, rounding_mode="floor")
     per_run = torch.stack([length, sum_x, y * length, torch.ones_like(length), valid], 1)
     sums = torch.zeros((num_regions, 5), dtype=torch.int64, device=device)
-    sums = sums.scatter_add(0, where.expand(-1, 5), per_run)
-    where2 = where.expand(-1, 2)
     empty2 = torch.zeros((num_regions, 2), dtype=torch.int64, device=device)
-    low = empty2.scatter_reduce(0, where2, torch.stack([start, y], 1), "amin", include_self=False)
-    last = torch.stack([end - 1, y], 1)
-    high = empty2.scatter_reduce(0, where2, last, "amax", include_self=False)
+    first_xy = torch.stack([start, y], 1)
+    last_xy = torch.stack([last_x, y], 1)
+    if _exporting():
+        where = region.unsqueeze(1)
+        sums = sums.scatter_add(0, where.expand(-1, 5), per_run)
+        where2 = where.expand(-1, 2)
+        low = empty2.scatter_reduce(0, where2, first_xy, "amin", include_self=False)
+        high = empty2.scatter_reduce(0, where2, last_xy, "amax", include_self=False)
+    else:
+        sums = sums.index_add(0, region, per_run)
+        # scatter_reduce, not index_reduce: CUDA's index_reduce refuses to run under
+        # torch.use_deterministic_algorithms, even for integer extrema.
+        where2 = region.unsqueeze(1).expand(-1, 2)
+        low = empty2.scatter_reduce(0, where2, first_xy, "amin", include_self=False)
+        high = empty2.scatter_reduce(0, where2, last_xy, "amax", include_self=False)
     area = sums.select(1, 0)
     # int64 over float64: true division in float64, exact operands (below 2**53).
     centroid = sums.narrow(1, 1, 2) / sums.narrow(1, 0, 1).to(torch.float64)
@@ -275,10 +297,13 @@ def _run_stats(
             total = torch.segment_reduce(
                 run_sum.index_select(0, order), "sum", lengths=sums.select(1, 3)
             )
-        count = sums.select(1, 4)
         # float64 over int64: float64.
-        mean = total / count
-        score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
+        if nan_free:
+            score_mean = (total / area).to(score_dtype)
+        else:
+            count = sums.select(1, 4)
+            mean = total / count
+            score_mean = torch.where(count > 0, mean, float("-inf")).to(score_dtype)
 
     return Regions(
         batch_index=batch_index,
@@ -348,7 +373,7 @@ def _label_regions(
         anomaly_map,
         fg,
         start,
-        end,
+        end - 1,
         length,
         y,
         row * w + start,
@@ -372,6 +397,38 @@ def _take(regions: Regions, index: Tensor) -> Regions:
         score_max=regions.score_max.index_select(0, index),
         score_mean=regions.score_mean.index_select(0, index),
     )
+
+
+def _select_index(
+    regions: Regions, num_images: int, min_area: int, max_regions: Optional[int]
+) -> Tuple[Tensor, Tensor]:
+    """The rows of ``regions`` that :func:`select_regions` keeps, in its order, and the
+    number kept per image (int64 :math:`(B,)`)."""
+    device = regions.area.device
+    total = regions.area.shape[0]
+    drop = regions.area < min_area
+    # Lexicographic sort by successive stable sorts, least significant key first; the
+    # input is ordered by (batch_index, label) already. A dropped region sorts as if its
+    # score were -inf: after every kept region of its image (kept ones that score -inf win
+    # the tie on area, as a dropped region is smaller than min_area), so the first
+    # max_regions of each image are the kept ones.
+    order = torch.sort(regions.area, descending=True, stable=True).indices
+    score = torch.where(drop, float("-inf"), regions.score_max).index_select(0, order)
+    order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
+    by_image = torch.sort(regions.batch_index.index_select(0, order), stable=True)
+    order = order.index_select(0, by_image.indices)
+    batch = by_image.values
+    # Rank of each region in its image: its position minus that of the image's first.
+    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
+    if max_regions is not None:
+        # Kept and within the first max_regions: for bools, a > b is a and not b.
+        chosen = (rank < max_regions) > drop.index_select(0, order)
+    else:
+        chosen = ~drop.index_select(0, order)
+    index = order.index_select(0, _flat_nonzero(chosen))
+    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
+    num_regions = num_regions.scatter_add(0, batch, chosen.to(torch.int64))
+    return index, num_regions
 
 
 def select_regions(
@@ -406,26 +463,8 @@ def select_regions(
         raise ValueError(f"max_regions must be an integer >= 1 or None, got {max_regions}")
     device = regions.area.device
     total = regions.area.shape[0]
-    drop = regions.area < min_area
-    # Lexicographic sort by successive stable sorts, least significant key first; the
-    # input is ordered by (batch_index, label) already. Dropped regions go last in
-    # their image, so the first max_regions of each image are the kept ones.
-    order = torch.sort(regions.area, descending=True, stable=True).indices
-    score = regions.score_max.index_select(0, order)
-    order = order.index_select(0, torch.sort(score, descending=True, stable=True).indices)
-    group = (regions.batch_index * 2 + drop).index_select(0, order)
-    order = order.index_select(0, torch.sort(group, stable=True).indices)
-    batch = regions.batch_index.index_select(0, order)
-    # Rank of each region in its image: its position minus that of the image's first.
-    rank = torch.arange(total, device=device) - torch.searchsorted(batch, batch)
-    if max_regions is not None:
-        # Kept and within the first max_regions: for bools, a > b is a and not b.
-        chosen = (rank < max_regions) > drop.index_select(0, order)
-    else:
-        chosen = ~drop.index_select(0, order)
-    out = _take(regions, order.index_select(0, _flat_nonzero(chosen)))
-    num_regions = torch.zeros(num_images, dtype=torch.int64, device=device)
-    num_regions = num_regions.scatter_add(0, out.batch_index, torch.ones_like(out.batch_index))
+    index, num_regions = _select_index(regions, num_images, min_area, max_regions)
+    out = _take(regions, index)
 
     # Nothing dropped: the labels stand (a shortcut that export, with unknown sizes, skips).
     if not _exporting() and out.area.shape[0] == total:
