@@ -91,3 +91,70 @@ def test_result_record_with_and_without_defects():
     line = records.region_line(rec, rec["defects"]["regions"][0])
     _validator("region_line").validate(line)
     assert records.dumps({"a": float("nan")}) == '{"a":null}'
+
+
+def test_units_columns_and_severity_by_name():
+    """units_columns: per input, mm geometry at that input's scale and crop origin (oracle:
+    the image space's own map -> image transform); severity indices become rule names."""
+    import torch
+
+    from torchdefects import connected_components, region_stats
+    from torchdefects.geometry import ImageSpace
+
+    rng = np.random.default_rng(5)
+    mask = torch.from_numpy(rng.random((3, 12, 16)) < 0.3)
+    labels, counts = connected_components(mask, 8)
+    regions = region_stats(labels, counts, torch.rand(3, 12, 16))
+    n = torch.bincount(regions.batch_index, minlength=3).tolist()
+    spaces = [
+        None,
+        ImageSpace.make((12, 16), (48, 32), center_crop=False),
+        ImageSpace.make((12, 16), (100, 90), center_crop=True, input_size=(24, 32)),
+    ]
+    cols, blocks = records.units_columns(regions, n, spaces, 0.02)
+    assert blocks[0] == {"pixel_size_mm": 0.02, "map_pixel_mm_xy": [0.02, 0.02]}
+    assert blocks[1]["map_pixel_mm_xy"] == [0.02 * 2.0, 0.02 * 4.0]
+    k = 0
+    for b, space in enumerate(spaces):
+        for _ in range(n[b]):
+            x1, y1, x2, y2 = regions.bbox_xyxy[k].tolist()
+            if space is None:
+                edges = [x1, y1, x2 + 1, y2 + 1]
+                sx = sy = 1.0
+            else:
+                edges = [space._x_to_image(x1, 1), space._x_to_image(y1, 0),
+                         space._x_to_image(x2 + 1, 1), space._x_to_image(y2 + 1, 0)]  # fmt: skip
+                sx = (edges[2] - edges[0]) / (x2 + 1 - x1)
+                sy = (edges[3] - edges[1]) / (y2 + 1 - y1)
+            np.testing.assert_allclose(cols["bbox_xyxy_mm"][k], np.array(edges) * 0.02, rtol=1e-12)
+            area = int(regions.area[k])
+            assert cols["area_mm2"][k] == pytest.approx(area * 0.02**2 * sx * sy, rel=1e-12)
+            k += 1
+    assert k == len(cols["area_mm2"])
+    # a record with units and severity validates; indices are written as names
+    cols.update(
+        label=regions.label.tolist()[: n[0]],
+        bbox_xyxy=regions.bbox_xyxy.tolist()[: n[0]],
+        area=regions.area.tolist()[: n[0]],
+        centroid_xy=regions.centroid_xy.tolist()[: n[0]],
+        score_max=regions.score_max.tolist()[: n[0]],
+        score_mean=regions.score_mean.tolist()[: n[0]],
+        severity=[(-1 if i % 3 == 0 else i % 2) for i in range(n[0])],
+    )
+    rec = records.result_record(
+        index=0, path="a.npy", map_shape=(12, 16), image_size=None, space=None,
+        threshold=0.5, provenance={"source": "explicit"}, roi_max=0.9, roi_mean=0.1,
+        cols=cols, start=0, count=n[0], image_threshold=None, label=1,
+        severity_names=["critical", "minor"], image_severity=0, units=blocks[0],
+    )  # fmt: skip
+    _validator("result").validate(rec)
+    got = [r["severity"] for r in rec["defects"]["regions"]]
+    assert got == [None if i % 3 == 0 else ["critical", "minor"][i % 2] for i in range(n[0])]
+    assert rec["defects"]["severity"] == "critical" and rec["defects"]["units"] == blocks[0]
+    rec = records.result_record(
+        index=0, path="a.npy", map_shape=(12, 16), image_size=None, space=None,
+        threshold=0.5, provenance={"source": "explicit"}, roi_max=0.9, roi_mean=0.1,
+        cols=cols, start=0, count=0, image_threshold=None, label=0,
+        severity_names=["critical"], image_severity=-1,
+    )  # fmt: skip
+    assert rec["defects"]["severity"] is None and "units" not in rec["defects"]

@@ -610,11 +610,7 @@ def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):
 
 # --- unsupported features, neutral values, ranges ----------------------------------------
 
-NON_NEUTRAL = {
-    "mask_space": "full",
-    "pixel_size_mm": 0.05,
-    "severity_rules": [{"name": "critical", "min_area": 5}],
-}
+NON_NEUTRAL = {"mask_space": "full"}
 
 
 @pytest.mark.parametrize(
@@ -659,6 +655,8 @@ NOW_SUPPORTED = {
     "max_aspect_ratio": 4.0,
     "min_solidity": 0.5,
     "min_score_max_quantile": 0.5,
+    "pixel_size_mm": 0.05,
+    "severity_rules": [{"name": "critical", "min_area": 5}],
 }
 
 
@@ -683,6 +681,46 @@ def test_unsupported_accepted_only_at_neutral(name):
 def test_toolbox_fields_load(name):
     cfg = load_config({"per_category": {"b": {"defects": {name: NOW_SUPPORTED[name]}}}}, "b")
     assert getattr(cfg, name) == NOW_SUPPORTED[name]
+
+
+def test_severity_config_round_trip(tmp_path):
+    rules = [
+        {"name": "critical", "min_area_mm2": 0.5, "min_score_max": 0.9},
+        {"name": "major", "min_length_mm": 2},
+        {"name": "minor"},
+    ]
+    cfg = DefectsConfig(pixel_threshold=0.5, pixel_size_mm=0.02, severity_rules=rules)
+    path = str(tmp_path / "c.json")
+    save_config(cfg, path)
+    back = load_config(path)
+    assert back == cfg and back.severity_rules == rules and back.pixel_size_mm == 0.02
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f)["defects"]["severity_rules"] == rules
+
+
+@pytest.mark.parametrize(
+    "block,error,msg",
+    [
+        (
+            {"severity_rules": [{"name": "a"}, {"name": "b", "min_area": "x"}]},
+            ConfigError,
+            r"per_category\.p\.defects\.severity_rules\[1\]\.min_area must be a finite number",
+        ),
+        (
+            {"severity_rules": [{"name": "a", "min_area_mm2": 1}]},
+            ConfigError,
+            r"per_category\.p\.defects\.severity_rules\[0\]\.min_area_mm2 needs pixel_size_mm",
+        ),
+        (
+            {"pixel_size_mm": 0.1, "severity_rules": [{"name": "a", "max_area": 1}]},
+            ConfigError,
+            r"per_category\.p\.defects\.severity_rules\[0\] has unknown condition 'max_area'",
+        ),
+    ],
+)
+def test_bad_severity_rule_names_its_path(block, error, msg):
+    with pytest.raises(error, match=msg):
+        load_config({"per_category": {"p": {"defects": block}}}, "p")
 
 
 def test_toolbox_via_pyimgano_nested_form():
@@ -876,6 +914,8 @@ def test_field_metadata_convention():
             "cli",
             "oracle",
             "metavar",
+            "nargs",  # with "type": a flag taking one JSON value (severity_rules)
+            "type",
         }
         if meta.get("cli", True):
             for flag in (field_flag(f), *meta.get("aliases", ())):

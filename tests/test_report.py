@@ -383,3 +383,32 @@ def test_provenance_sentences():
     }
     assert _provenance_line(old) == "from the config c.json; " + _provenance_line(calib)
     assert _provenance_line(None) == "provenance not recorded"
+
+
+def test_report_names_severity(tmp_path):
+    """A run with severity rules: the verdict cell names the image's class and the region
+    list each region's (escaped); a run without rules shows neither."""
+    from torchdefects.batch import RunOptions
+    from torchdefects.batch import run_folder as run
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    m = np.zeros((16, 20), np.float32)
+    m[2:8, 2:9] = 0.9
+    m[12, 15] = 0.7
+    np.save(maps / "a.npy", m)
+    rules = [{"name": "<big>", "min_area": 20}, {"name": "minor", "min_score_max": 0.8}]
+    for sub, overrides in (("with", {"severity_rules": rules}), ("without", {})):
+        out = str(tmp_path / sub)
+        run(RunOptions(out=out, maps=str(maps), pixel_threshold=0.5, quiet=True,
+                       overrides=overrides))  # fmt: skip
+        with open(write_report(out), encoding="utf-8") as f:
+            html_text = f.read()
+        page, _ = _parse(write_report(out))
+        assert len(page.rows) == 1
+        if sub == "with":
+            assert "<span class='muted'>&lt;big&gt;</span>" in html_text
+            assert "1: &lt;big&gt; 0.9, 42 px at [2, 2, 8, 7]" in html_text
+            assert "2: 0.7, 1 px at [15, 12, 15, 12]" in html_text  # no class: no name
+        else:
+            assert "&lt;big&gt;" not in html_text and "1: 0.9, 42 px" in html_text

@@ -57,6 +57,7 @@ __all__ = [
     "read_config_dict",
     "save_config",
     "set_pixel_threshold",
+    "severity_rules_arg",
     "upgrade_provenance",
     "validate_config_dict",
 ]
@@ -90,8 +91,6 @@ LEGACY_PROVENANCE_SOURCES = ("config", "calibration")
 #: its switch here is neutral, so they are validated but accepted. The toolbox empties this.
 UNSUPPORTED_UNTIL_IMPLEMENTED: Dict[str, Any] = {
     "mask_space": "roi",
-    "pixel_size_mm": None,
-    "severity_rules": None,
 }
 
 #: pyimgano's nested forms inside ``defects``: ``{block: {key: field}}``.
@@ -139,6 +138,37 @@ _INT64_MAX = (1 << 63) - 1
 
 class ConfigError(ValueError):
     """A config file or dict is invalid; the message names the file and the field path."""
+
+
+def severity_rules_arg(text: str) -> List[Dict[str, Any]]:
+    """``--defect-severity-rules``: a JSON list of rules, or ``@path`` to a JSON file with one.
+
+    Example:
+        >>> severity_rules_arg('[{"name": "critical", "min_area": 50}]')
+        [{'name': 'critical', 'min_area': 50}]
+    """
+    import argparse
+
+    source = "--defect-severity-rules"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {source}: {e.strerror}") from None
+    try:
+        rules = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{source} must be a JSON list of rules such as "
+            f'\'[{{"name": "critical", "min_area_mm2": 0.5}}]\', got {text[:60]!r} ({e})'
+        ) from None
+    if not isinstance(rules, list):
+        raise argparse.ArgumentTypeError(
+            f"{source} must be a JSON list of rules, got {type(rules).__name__}"
+        )
+    return rules
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -388,7 +418,8 @@ class DefectsConfig:
     )
     pixel_size_mm: Optional[float] = _f(
         None,
-        "size of an original-image pixel in mm, > 0 (gives area_mm2 and mm boxes); null: none",
+        "size of an original-image pixel in mm, > 0 (gives area_mm2 and mm boxes; a map pixel "
+        "is this times the map-to-image scale); null: none",
         flag="--defect-pixel-size-mm",
         group="regions",
         oracle="by hand",
@@ -397,9 +428,13 @@ class DefectsConfig:
         default=None,
         metadata={
             "help": "ordered severity rules [{name, min_area, min_score_max, min_score_mean, "
-            "min_area_mm2, min_length_mm, min_aspect_ratio}]; a region takes the first that "
-            "holds; null: none",
-            "cli": False,
+            "min_area_mm2, min_length_mm, min_aspect_ratio}]; a region takes the first whose "
+            "conditions (feature >= value) all hold, the image its most severe region's; "
+            "null: none. CLI: JSON text or @FILE.json",
+            "flag": "--defect-severity-rules",
+            "type": severity_rules_arg,
+            "nargs": None,
+            "metavar": "JSON",
             "group": "regions",
             "oracle": "Python first-match loop",
         },

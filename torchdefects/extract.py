@@ -56,6 +56,7 @@ def extract_defects(
     min_area: int = 0,
     max_regions: Optional[int] = None,
     connectivity: int = 8,
+    map_to_image: Optional[Sequence[float]] = None,
     **pyimgano_options: Any,
 ) -> Dict[str, Any]:
     """Defects of one anomaly map, in pyimgano's ``extract_defects_from_anomaly_map`` layout.
@@ -70,7 +71,10 @@ def extract_defects(
             ``border_ignore_px``, ``map_smoothing_method``, ``hysteresis_enabled``,
             ``min_score_max``, ``max_regions_sort_by`` ...) under their
             :class:`~torchdefects.DefectsConfig` names, run by the head (docs/postprocessing.md);
-            validated there (``mask_space="full"`` is not supported yet).
+            validated there (``mask_space="full"`` is not supported yet), and
+            ``pixel_size_mm`` and ``severity_rules`` (torchdefects' own).
+        map_to_image: ``(sx, sy)``, the original-image pixels a map pixel spans (default
+            ``(1, 1)``); with ``pixel_size_mm`` a map pixel is ``pixel_size_mm * (sx, sy)`` mm.
 
     Returns:
         ``{"space": {"type": "anomaly_map", "shape": [H, W]}, "pixel_threshold": float,
@@ -79,7 +83,10 @@ def extract_defects(
         ``{"id", "bbox_xyxy" (inclusive [x1, y1, x2, y2]), "area", "centroid_xy" ([x, y]),
         "score_max", "score_mean", "bbox_area", "fill_ratio", "aspect_ratio"}`` (plus
         ``"solidity"`` with ``min_solidity``, ``None`` where undefined, and
-        ``"merged_from_ids"`` with merging) in the head's order (``max_regions_sort_by`` desc,
+        ``"merged_from_ids"`` with merging; ``"area_mm2"``, ``"bbox_xyxy_mm"`` and
+        ``"centroid_xy_mm"`` with ``pixel_size_mm``, as :func:`~torchdefects.region_units`;
+        ``"severity"``, the rule's name or ``None``, with ``severity_rules``, which also add
+        the image's ``"severity"`` to the dict) in the head's order (``max_regions_sort_by`` desc,
         then ``score_max`` desc, ``area`` desc, ``id`` asc); ``id`` is the SciPy raster
         label. Scores are not rounded; a ROI with no finite pixel gives ``null`` stats
         (pyimgano: 0.0).
@@ -110,7 +117,7 @@ def extract_defects(
     head = DefectHead(config).to(x.device)
     h, w = int(x.shape[0]), int(x.shape[1])
     with torch.no_grad():
-        out = head(x.reshape(1, 1, h, w))
+        out = head(x.reshape(1, 1, h, w), map_to_image=map_to_image)
     mask = out.mask[0, 0].to("cpu").numpy().astype(np.uint8) * np.uint8(255)
     r = out.regions
     labels = r.label.tolist()
@@ -125,6 +132,15 @@ def extract_defects(
         members = [[] for _ in labels]
         for row, member in out.merged_from.tolist():
             members[row].append(int(member))
+    units = None
+    if config.pixel_size_mm is not None:
+        from torchdefects.severity import region_units
+
+        scale = (1.0, 1.0) if map_to_image is None else tuple(map_to_image)
+        u = region_units(r, config.pixel_size_mm, (float(scale[0]), float(scale[1])))
+        units = (u.area_mm2.tolist(), u.bbox_xyxy_mm.tolist(), u.centroid_xy_mm.tolist())
+    names = [rule["name"] for rule in config.severity_rules or []]
+    sev = None if out.severity is None else out.severity.tolist()
     regions: List[Dict[str, Any]] = []
     for i, label in enumerate(labels):
         x1, y1, x2, y2 = (int(v) for v in boxes[i])
@@ -147,7 +163,13 @@ def extract_defects(
             regions[-1]["solidity"] = _num(float(sol[i]))
         if members is not None:
             regions[-1]["merged_from_ids"] = members[i]
-    return {
+        if units is not None:
+            regions[-1]["area_mm2"] = units[0][i]
+            regions[-1]["bbox_xyxy_mm"] = units[1][i]
+            regions[-1]["centroid_xy_mm"] = units[2][i]
+        if sev is not None:
+            regions[-1]["severity"] = names[sev[i]] if sev[i] >= 0 else None
+    result = {
         "space": {"type": "anomaly_map", "shape": [h, w]},
         "pixel_threshold": float(config.pixel_threshold),  # type: ignore[arg-type]
         "mask": mask,
@@ -157,3 +179,7 @@ def extract_defects(
             "mean": _num(float(out.roi_mean[0])),
         },
     }
+    if out.image_severity is not None:
+        worst = int(out.image_severity[0])
+        result["severity"] = names[worst] if worst >= 0 else None
+    return result

@@ -83,6 +83,30 @@ class ImageSpace:
         off = self.crop_offset_xy[1 - axis]
         return (x * self.input_size[axis] / m + off) * img / self.resized[axis]
 
+    def affine_xy(self) -> Tuple[Tuple[float, float], Tuple[float, float]]:
+        """``((sx, sy), (ox, oy))``: map coordinate ``x`` is image coordinate ``x * sx + ox``.
+
+        ``(sx, sy)`` is how many original-image pixels a map pixel spans (the head's
+        ``map_to_image``); ``(ox, oy)`` is where the map's corner lies in the image (0 for a
+        plain resize, the crop's offset in image pixels for a center crop).
+
+        Example:
+            >>> ImageSpace.make((4, 8), (40, 160), center_crop=False).affine_xy()
+            ((20.0, 10.0), (0.0, 0.0))
+        """
+        scale: List[float] = []
+        origin: List[float] = []
+        for axis in (1, 0):
+            m, img = self.map_size[axis], self.image_size[axis]
+            if self.method == "resize":
+                scale.append(img / m)
+                origin.append(0.0)
+            else:  # _x_to_image's arithmetic, split into its slope and offset
+                assert self.input_size and self.resized and self.crop_offset_xy
+                scale.append(self.input_size[axis] / m * img / self.resized[axis])
+                origin.append(self.crop_offset_xy[1 - axis] * img / self.resized[axis])
+        return (scale[0], scale[1]), (origin[0], origin[1])
+
     def bbox_to_image(self, bbox_xyxy: Sequence[int]) -> List[int]:
         """Inclusive map-pixel box -> inclusive image-pixel box covering it."""
         x1, y1, x2, y2 = (int(v) for v in bbox_xyxy)

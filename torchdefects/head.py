@@ -26,6 +26,7 @@ from torchdefects.morphology import _square, closing, fill_holes, opening
 from torchdefects.region_filters import finalize_regions, merge_nearby, quantile_keep, region_keep
 from torchdefects.regions import Regions, _label_regions, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
+from torchdefects.severity import _feature_table, _first_rule, parse_severity_rules
 from torchdefects.shape import solidity as _solidity
 
 __all__ = ["DefectHead", "Defects", "StaticDefectHead", "StaticDefects"]
@@ -54,6 +55,12 @@ class Defects(NamedTuple):
             ``[i, label]``, one per fragment of each reported region ``i`` (a row of
             ``regions``), the fragment's label before merging; sorted by ``i`` then label.
             A region that merged nothing has one row, its own label.
+        severity: int64 :math:`(N,)` when the config sets ``severity_rules``, else ``None``:
+            per reported region (rows of ``regions``), the index of the first rule whose
+            conditions all hold (the name is ``config.severity_rules[i]["name"]``), -1 for
+            none.
+        image_severity: int64 :math:`(B,)` with ``severity_rules``, else ``None``: the image's
+            most severe class (the lowest index among its regions), -1 without one.
 
     The shape statistics of the regions (``bbox_area``, ``fill_ratio``, ``aspect_ratio``) are
     :func:`~torchdefects.shape_stats` of ``regions`` (exact, from the bboxes; no cost in the
@@ -71,6 +78,8 @@ class Defects(NamedTuple):
     image_label: Tensor
     solidity: Optional[Tensor]
     merged_from: Optional[Tensor]
+    severity: Optional[Tensor]
+    image_severity: Optional[Tensor]
 
 
 class StaticDefects(NamedTuple):
@@ -98,6 +107,10 @@ class StaticDefects(NamedTuple):
         pixel_threshold_used: float32 :math:`(B,)`, the threshold used for each image.
         image_score: float32 :math:`(B,)`, as in :class:`Defects`.
         image_label: int64 :math:`(B,)`, as in :class:`Defects`.
+        severity: int64 :math:`(B, K)`, each row's severity class as in :class:`Defects`;
+            -1 on padding rows (0 is the most severe class, so padding is not 0 here), and
+            -1 everywhere when the config has no ``severity_rules``.
+        image_severity: int64 :math:`(B,)`, as in :class:`Defects`; -1 without rules.
     """
 
     mask: Tensor
@@ -114,6 +127,8 @@ class StaticDefects(NamedTuple):
     pixel_threshold_used: Tensor
     image_score: Tensor
     image_label: Tensor
+    severity: Tensor
+    image_severity: Tensor
 
 
 def _pad_regions(
@@ -146,6 +161,16 @@ def _pad_regions(
     )
 
 
+def _pad_classes(values: Tensor, batch_index: Tensor, num_regions: Tensor, capacity: int) -> Tensor:
+    """Flat per-region int64 values (grouped by image) to :math:`(B, K)`, -1 padded."""
+    batch = num_regions.shape[0]
+    first = torch.cumsum(num_regions, 0) - num_regions
+    rank = torch.arange(values.shape[0], device=num_regions.device)
+    slot = batch_index * capacity + rank - first.index_select(0, batch_index)
+    out = torch.full((batch * capacity,), -1, dtype=torch.int64, device=num_regions.device)
+    return out.index_copy(0, slot, values).view(batch, capacity)
+
+
 class _HeadOut(NamedTuple):
     labels: Tensor
     num_regions: Tensor
@@ -157,6 +182,8 @@ class _HeadOut(NamedTuple):
     image_label: Tensor
     solidity: Optional[Tensor]
     merged_from: Optional[Tensor]
+    severity: Optional[Tensor]
+    image_severity: Optional[Tensor]
 
 
 def _keep_labels(labels: Tensor, kept: Regions) -> Tensor:
@@ -206,7 +233,7 @@ class DefectHead(nn.Module):
     :func:`~torchdefects.closing`, :func:`~torchdefects.fill_holes`,
     :func:`~torchdefects.connected_components`, :func:`~torchdefects.region_stats`,
     :func:`~torchdefects.select_regions` and :func:`~torchdefects.roi_stats`; see them for the
-    exact semantics. Two rules are the head's own:
+    exact semantics. The head's own rules:
 
     - **ROI and NaN gate.** A pixel outside the ROI or whose map value is NaN is never
       foreground, after any stage: the threshold excludes them, and the head removes them
@@ -220,6 +247,10 @@ class DefectHead(nn.Module):
       region. The comparison is in float32 (the threshold rounded to float32, like the pixel
       threshold for float32 maps), so a score printed as 0.9 meets a threshold of 0.9. A NaN
       image score is never defective by threshold.
+    - **Severity.** With ``config.severity_rules`` each reported region takes the index of the
+      first rule whose conditions all hold (``Defects.severity``, -1 for none) and each image
+      its lowest region index (``Defects.image_severity``); millimetre conditions use
+      ``pixel_size_mm`` times ``map_to_image`` (docs/postprocessing.md, "Units and severity").
 
     The threshold, the image threshold and the ROI are buffers in float64 (``threshold``,
     ``image_threshold``, ``roi``), so they follow ``.to(device)``; ``threshold`` and ``roi``
@@ -241,6 +272,10 @@ class DefectHead(nn.Module):
         - pixel_threshold: a number (eager only), a scalar tensor or :math:`(B,)`; overrides
           the config's threshold.
         - image_score: optional scalar or :math:`(B,)` tensor, the detector's image scores.
+        - map_to_image: optional ``(sx, sy)`` (eager), :math:`(2,)` or :math:`(B, 2)` tensor,
+          > 0: how many original-image pixels a map pixel spans, for ``pixel_size_mm``
+          severity rules (a map pixel is ``pixel_size_mm * (sx, sy)`` mm); default
+          ``(1, 1)``. Exported graphs take no such input and use ``(1, 1)``.
         - Output: :class:`Defects`, masks and labels :math:`(B, 1, H, W)` whatever the input.
 
     Raises:
@@ -286,6 +321,11 @@ class DefectHead(nn.Module):
     quantile: Final[Optional[float]]
     sort_by: Final[str]
     toolbox_regions: Final[bool]
+    has_severity: Final[bool]
+    has_units: Final[bool]
+    pixel_size_mm: Final[float]
+    severity_columns: List[int]
+    severity_names: List[str]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DefectHead":
         static = kwargs.get("static_output", args[1] if len(args) > 1 else False)
@@ -361,10 +401,26 @@ class DefectHead(nn.Module):
             "image_threshold", torch.tensor(image_thr, dtype=torch.float64), persistent=False
         )
         self.register_buffer("roi", roi_tensor(config.roi_xyxy_norm))
+        # Severity (docs/postprocessing.md): the rules as (N, C) tables, outside the state dict
+        # (the config carries them); float64 like the thresholds.
+        rules = parse_severity_rules(config.severity_rules or [], config.pixel_size_mm is not None)
+        self.severity_names = rules.names
+        self.has_severity = config.severity_rules is not None
+        self.has_units = config.pixel_size_mm is not None
+        self.pixel_size_mm = float(config.pixel_size_mm or 1.0)
+        # Only the columns some rule tests are computed (SEVERITY_KEYS indices).
+        used = [c for c in range(rules.active.shape[1]) if bool(rules.active[:, c].any())]
+        self.severity_columns = used
+        self.register_buffer(
+            "severity_thresholds", rules.thresholds[:, used].contiguous(), persistent=False
+        )
+        active = rules.active[:, used].contiguous()
+        self.register_buffer("severity_active", active, persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         kept = {"threshold": self.threshold, "image_threshold": self.image_threshold}
         kept["roi"] = self.roi
+        kept["severity_thresholds"] = self.severity_thresholds
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
@@ -525,8 +581,40 @@ class DefectHead(nn.Module):
             label = num_regions.clamp(max=1)  # 1 when a region was reported
         return roi_max, roi_mean, score, label
 
+    def _mm_per_image(
+        self, map_to_image: Optional[Tensor], batch: int, device: torch.device
+    ) -> Tensor:
+        """A map pixel's ``[mm_x, mm_y]`` per image, ``pixel_size_mm * (sx, sy)``: (B, 2)."""
+        if map_to_image is None:
+            scale = torch.ones(batch, 2, dtype=torch.float64, device=device)
+        else:
+            scale = map_to_image.to(device=device, dtype=torch.float64).reshape(-1, 2)
+            scale = scale.expand(batch, 2)
+        return self.pixel_size_mm * scale
+
+    def _severity(
+        self,
+        area: Tensor,
+        bbox_xyxy: Tensor,
+        score_max: Tensor,
+        score_mean: Tensor,
+        batch_index: Tensor,
+        batch: int,
+        map_to_image: Optional[Tensor],
+    ) -> Tensor:
+        """First matching rule per region (``N`` for none), int64 (R,); no host sync."""
+        mm: Optional[Tensor] = None
+        if self.has_units:
+            mm = self._mm_per_image(map_to_image, batch, area.device).index_select(0, batch_index)
+        feats = _feature_table(area, bbox_xyxy, score_max, score_mean, mm, self.severity_columns)
+        return _first_rule(feats, self.severity_thresholds, self.severity_active)
+
     def _run(
-        self, anomaly_map: Tensor, pixel_threshold: Optional[Tensor], image_score: Optional[Tensor]
+        self,
+        anomaly_map: Tensor,
+        pixel_threshold: Optional[Tensor],
+        image_score: Optional[Tensor],
+        map_to_image: Optional[Tensor] = None,
     ) -> _HeadOut:
         x, xc, allowed, thr, labels, counts, stats, fused = self._labels(
             anomaly_map, pixel_threshold, True, not self.toolbox_regions
@@ -584,6 +672,19 @@ class DefectHead(nn.Module):
         roi_max, roi_mean, score, label = self._image(
             xc, allowed, num_regions, image_score, fused and not self.conditioned
         )
+        severity: Optional[Tensor] = None
+        image_severity: Optional[Tensor] = None
+        if self.has_severity:
+            batch = x.shape[0]
+            n_rules = self.severity_thresholds.shape[0]
+            first = self._severity(
+                regions.area, regions.bbox_xyxy, regions.score_max, regions.score_mean,
+                regions.batch_index, batch, map_to_image,
+            )  # fmt: skip
+            severity = torch.where(first >= n_rules, -1, first)
+            worst = torch.full((batch,), n_rules, dtype=torch.int64, device=first.device)
+            worst = worst.scatter_reduce(0, regions.batch_index, first, reduce="amin")
+            image_severity = torch.where(worst >= n_rules, -1, worst)
         return _HeadOut(
             labels=labels,
             num_regions=num_regions,
@@ -595,6 +696,8 @@ class DefectHead(nn.Module):
             image_label=label,
             solidity=sol,
             merged_from=merged,
+            severity=severity,
+            image_severity=image_severity,
         )
 
     @torch.jit.unused
@@ -606,12 +709,14 @@ class DefectHead(nn.Module):
         anomaly_map: Tensor,
         pixel_threshold: Optional[Tensor] = None,
         image_score: Optional[Tensor] = None,
+        map_to_image: Optional[Tensor] = None,
     ) -> Defects:
         if not torch.jit.is_scripting():
             anomaly_map, pixel_threshold, image_score = _eager_args(
                 anomaly_map, pixel_threshold, image_score
             )
-        out = self._run(anomaly_map, pixel_threshold, image_score)
+            map_to_image = _eager_scale(map_to_image, anomaly_map)
+        out = self._run(anomaly_map, pixel_threshold, image_score, map_to_image)
         return Defects(
             mask=out.labels != 0,
             labels=out.labels,
@@ -624,7 +729,34 @@ class DefectHead(nn.Module):
             image_label=out.image_label,
             solidity=out.solidity,
             merged_from=out.merged_from,
+            severity=out.severity,
+            image_severity=out.image_severity,
         )
+
+
+def _eager_scale(map_to_image: Any, anomaly_map: Tensor) -> Optional[Tensor]:
+    """``forward``'s ``map_to_image``: ``(sx, sy)`` numbers or a (2,) / (B, 2) tensor, > 0."""
+    if map_to_image is None:
+        return None
+    if not isinstance(map_to_image, Tensor):
+        if (
+            not isinstance(map_to_image, (tuple, list))
+            or len(map_to_image) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in map_to_image)
+        ):
+            raise TypeError(
+                f"map_to_image must be (sx, sy) numbers or a tensor, got {map_to_image!r}"
+            )
+        map_to_image = torch.tensor([float(v) for v in map_to_image], dtype=torch.float64)
+    batch = anomaly_map.shape[0]
+    shape = list(map_to_image.shape)
+    if not (shape == [2] or shape == [batch, 2]):
+        raise ValueError(f"map_to_image must have shape [2] or [{batch}, 2], got {shape}")
+    if not map_to_image.is_floating_point():
+        map_to_image = map_to_image.to(torch.float64)
+    if not _is_tracing() and not bool((torch.isfinite(map_to_image) & (map_to_image > 0)).all()):
+        raise ValueError(f"map_to_image must be finite and > 0, got {map_to_image.tolist()}")
+    return map_to_image
 
 
 def _eager_args(anomaly_map: Any, pixel_threshold: Any, image_score: Any) -> Tuple[Any, Any, Any]:
@@ -657,6 +789,9 @@ class StaticDefectHead(DefectHead):
     """
 
     capacity: Final[int]
+    # Redeclared: TorchScript reads a module's own class annotations (an empty list needs one).
+    severity_columns: List[int]
+    severity_names: List[str]
 
     def __init__(self, config: DefectsConfig, static_output: bool = True) -> None:
         if static_output is not True:
@@ -685,17 +820,34 @@ class StaticDefectHead(DefectHead):
         anomaly_map: Tensor,
         pixel_threshold: Optional[Tensor] = None,
         image_score: Optional[Tensor] = None,
+        map_to_image: Optional[Tensor] = None,
     ) -> StaticDefects:
         if not torch.jit.is_scripting():
             anomaly_map, pixel_threshold, image_score = _eager_args(
                 anomaly_map, pixel_threshold, image_score
             )
+            map_to_image = _eager_scale(map_to_image, anomaly_map)
             if _is_tracing():
-                return self._forward_static(anomaly_map, pixel_threshold, image_score)
-        out = self._run(anomaly_map, pixel_threshold, image_score)
+                return self._forward_static(anomaly_map, pixel_threshold, image_score, map_to_image)
+        out = self._run(anomaly_map, pixel_threshold, image_score, map_to_image)
         boxes, area, label, centroid, score_max, score_mean = _pad_regions(
             out.regions, out.num_regions, self.capacity
         )
+        batch = out.num_regions.shape[0]
+        region_severity = out.severity
+        image_severity_out = out.image_severity
+        if region_severity is not None and image_severity_out is not None:
+            severity = _pad_classes(
+                region_severity, out.regions.batch_index, out.num_regions, self.capacity
+            )
+            image_severity = image_severity_out
+        else:
+            severity = torch.full(
+                (batch, self.capacity), -1, dtype=torch.int64, device=out.num_regions.device
+            )
+            image_severity = torch.full(
+                (batch,), -1, dtype=torch.int64, device=out.num_regions.device
+            )
         return StaticDefects(
             mask=out.labels != 0,
             labels=out.labels,
@@ -711,6 +863,8 @@ class StaticDefectHead(DefectHead):
             pixel_threshold_used=out.pixel_threshold,
             image_score=out.image_score,
             image_label=out.image_label,
+            severity=severity,
+            image_severity=image_severity,
         )
 
     @torch.jit.unused
@@ -719,6 +873,7 @@ class StaticDefectHead(DefectHead):
         anomaly_map: Tensor,
         pixel_threshold: Optional[Tensor] = None,
         image_score: Optional[Tensor] = None,
+        map_to_image: Optional[Tensor] = None,
     ) -> StaticDefects:
         """The forward that torch.export and torch.compile trace: no data-dependent size.
 
@@ -734,6 +889,24 @@ class StaticDefectHead(DefectHead):
         )
         labels_kept, num_regions, boxes, area, label, centroid, score_max, score_mean = out
         roi_max, roi_mean, score, image_label = self._image(xc, allowed, num_regions, image_score)
+        batch, k = boxes.shape[0], self.capacity
+        used = torch.arange(k, device=boxes.device).unsqueeze(0) < num_regions.unsqueeze(1)
+        if self.has_severity:
+            # The padded rows' own values, the padding masked: the same classes as the eager
+            # forward's (a ``min_score_mean`` rule sees score_mean to float32 rounding).
+            n_rules = self.severity_thresholds.shape[0]
+            rows = torch.arange(batch, device=boxes.device).unsqueeze(1).expand(batch, k)
+            first = self._severity(
+                area.reshape(-1), boxes.reshape(-1, 4), score_max.reshape(-1),
+                score_mean.reshape(-1), rows.reshape(-1), batch, map_to_image,
+            ).view(batch, k)  # fmt: skip
+            first = torch.where(used, first, n_rules)
+            worst = first.amin(1)
+            severity = torch.where(first >= n_rules, -1, first)
+            image_severity = torch.where(worst >= n_rules, -1, worst)
+        else:
+            severity = torch.full_like(area, -1)
+            image_severity = torch.full_like(num_regions, -1)
         return StaticDefects(
             mask=labels_kept != 0,
             labels=labels_kept,
@@ -749,6 +922,8 @@ class StaticDefectHead(DefectHead):
             pixel_threshold_used=thr.to(torch.float32),
             image_score=score,
             image_label=image_label,
+            severity=severity,
+            image_severity=image_severity,
         )
 
 

@@ -542,6 +542,8 @@ def render_overlay(
     image_score: Optional[float] = None,
     title: Optional[str] = None,
     provenance: Optional[Dict[str, Any]] = None,
+    severities: Optional[Sequence[Optional[str]]] = None,
+    image_severity: Optional[str] = None,
 ) -> Image.Image:
     """Draw the heat map, the mask outline, ranked region boxes, a banner and a colour bar.
 
@@ -554,9 +556,11 @@ def render_overlay(
     :class:`~torchdefects.regions.Regions`.
 
     Regions are tagged ``rank | score | area px`` with rank = 1 + their position in the
-    lists given (give them in report order: worst first). The banner says NG when there
-    is a region (or when ``defective`` says so), the region count, the worst score and
-    the threshold.
+    lists given (give them in report order: worst first), or ``rank | severity | score |
+    area px`` with ``severities`` (the class names of ``severity_rules``; ``-`` for a region
+    that takes none). The banner says NG when there is a region (or when ``defective`` says
+    so), the region count, the worst score, the image's severity when given and the
+    threshold.
 
     The returned image's ``info["torchdefects.layout"]`` holds where things were drawn
     (canvas pixels): ``picture`` ``[x, y, w, h]``, ``scale`` (the enlargement factor),
@@ -590,6 +594,9 @@ def render_overlay(
         provenance: the threshold's provenance record: when ``lo`` and ``hi`` are not
             given and it holds calibration's normal-pixel statistics, the scale's ends come
             from them (:func:`scale_from_provenance`), the same for every picture of a run.
+        severities: :math:`(R,)` each region's severity name (None: no rule holds), printed
+            in its tag before the score; the tag drops the area, then the score, before it.
+        image_severity: the image's severity name, printed in the banner.
 
     Returns:
         An RGB :class:`PIL.Image.Image`.
@@ -690,7 +697,7 @@ def render_overlay(
     for i, b in enumerate(boxes):
         if len(b) != 4:
             raise ValueError(f"boxes_xyxy[{i}] must be [x1, y1, x2, y2], got {b}")
-    for name, seq in (("scores", scores), ("areas", areas)):
+    for name, seq in (("scores", scores), ("areas", areas), ("severities", severities)):
         if seq is not None and len(seq) != len(boxes):
             raise ValueError(f"{name} must have one entry per box ({len(boxes)}), got {len(seq)}")
 
@@ -729,13 +736,16 @@ def render_overlay(
         line1.append(("no region", _TEXT_RGB))
         if map_max is not None:
             line1.append((f"map max {_fmt(map_max)}", _TEXT_RGB))
+    if image_severity is not None:
+        line1.append((f"severity {image_severity}", _TEXT_RGB))
     if image_score is not None:
         line1.append((f"image score {_fmt(float(image_score))}", _TEXT_RGB))
     if thr is not None:
         line1.append((f"threshold {_fmt(thr, 4)}", _TEXT_RGB))
     legend: List[Tuple[str, Any]] = []
     if n:
-        legend.append(("tag: rank (1 = worst) | max score | area", _DEFECT_RGB))
+        sev = " | severity" if severities is not None else ""
+        legend.append((f"tag: rank (1 = worst){sev} | max score | area", _DEFECT_RGB))
     if scale is not None:
         if bg is not None:
             text = "heat: faint just below the threshold, warm at/above it"
@@ -792,6 +802,8 @@ def render_overlay(
     for i, r in enumerate(disp):
         rank = str(i + 1)
         rest = []
+        if severities is not None:
+            rest.append(str(severities[i]) if severities[i] is not None else "-")
         if scores is not None:
             rest.append(_fmt(float(scores[i])))
         if areas is not None:
@@ -890,9 +902,10 @@ def render_record(
 ) -> Image.Image:
     """:func:`render_overlay` for one ``results.jsonl`` record (see docs/schema.md).
 
-    Takes the regions (in record order: rank 1 is the first), their ``score_max`` and
-    ``area``, the threshold and its provenance, the image's ``label`` and ``score`` when
-    the record has them, and the input's name as the title.
+    Takes the regions (in record order: rank 1 is the first), their ``score_max``,
+    ``area`` and ``severity`` (when the run had ``severity_rules``), the threshold and its
+    provenance, the image's ``label``, ``score`` and ``severity`` when the record has them,
+    and the input's name as the title.
 
     Boxes: on an ``image`` whose size is the record's ``image_size``, the regions'
     ``bbox_xyxy_image``; otherwise ``bbox_xyxy`` (map pixels), and then the background
@@ -956,5 +969,8 @@ def render_record(
         "image_score": score if isinstance(score, numbers.Real) and math.isfinite(score) else None,
         "title": str(record.get("input", "")) or None,
     }
+    if "severity" in d:  # the config has severity_rules: tags and banner name the classes
+        opts["severities"] = [r.get("severity") for r in regions]
+        opts["image_severity"] = d.get("severity")
     opts.update(kwargs)
     return render_overlay(image=image, anomaly_map=anomaly_map, mask=mask, **opts)

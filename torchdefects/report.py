@@ -167,10 +167,12 @@ def _row(out_dir: str, lineno: int, rec: Any, index: Dict[str, str]) -> Dict[str
         overlay=_find_overlay(out_dir, rec, index),
         mask=_inside(out_dir, _path_field(d.get("mask"))),
         regions=[
-            (_num(r.get("score_max")), r.get("area"), r.get("bbox_xyxy"))
+            (_num(r.get("score_max")), r.get("area"), r.get("bbox_xyxy"), r.get("severity"))
             for r in regions[:_MAX_REGIONS_LISTED]
         ],
     )
+    if "severity" in d:  # the run had severity_rules
+        row["severity"] = d["severity"]
     return row
 
 
@@ -404,7 +406,13 @@ _COLUMNS = [
     ("index", "#", "num", "position of the input in the run"),
     ("overlay", "Picture", None, "the overlay; click for the full picture"),
     ("input", "Input", "text", "the input path as listed"),
-    ("verdict", "Verdict", "text", "NG: the image is defective (a region, or the record's label)"),
+    (
+        "verdict",
+        "Verdict",
+        "text",
+        "NG: the image is defective (a region, or the record's label); then its severity "
+        "when the run had severity rules",
+    ),
     ("score", "Score", "num", "image score: the record's score, else the map's max over the ROI"),
     ("regions", "Regions", "num", "defect regions reported"),
     ("worst", "Worst region", "num", "highest region score (max of the map in the region)"),
@@ -433,9 +441,10 @@ def _row_html(row: Dict[str, Any], thumb: bool) -> str:
         )
     elif row.get("regions"):
         parts = []
-        for i, (s, a, b) in enumerate(row["regions"], start=1):
+        for i, (s, a, b, sev) in enumerate(row["regions"], start=1):
+            name = f"{html.escape(str(sev))} " if isinstance(sev, str) else ""
             parts.append(
-                f"{i}: {html.escape(_fmt(s))}, {html.escape(str(a))} px at "
+                f"{i}: {name}{html.escape(_fmt(s))}, {html.escape(str(a))} px at "
                 f"{html.escape(json.dumps(b))}"
             )
         if row["n_regions"] > len(row["regions"]):
@@ -444,7 +453,11 @@ def _row_html(row: Dict[str, Any], thumb: bool) -> str:
     if row.get("mask"):
         extra += f"<div class='regions'><a href='{_href(row['mask'])}'>mask</a></div>"
     cells.append(f"<td class='path'>{html.escape(row['input'])}{extra}</td>")
-    cells.append(f"<td data-v='{_PRIORITY[st]}{st}'><span class='badge {st}'>{st}</span></td>")
+    sev = row.get("severity")
+    sev_html = f" <span class='muted'>{html.escape(sev)}</span>" if isinstance(sev, str) else ""
+    cells.append(
+        f"<td data-v='{_PRIORITY[st]}{st}'><span class='badge {st}'>{st}</span>{sev_html}</td>"
+    )
     for key in ("score", "n_regions", "worst", "area"):
         v = row.get(key)
         if v is None:

@@ -44,8 +44,9 @@ class RegionUnits(NamedTuple):
     Attributes:
         area_mm2: float64 :math:`(R,)`, ``area * mm_x * mm_y``.
         bbox_xyxy_mm: float64 :math:`(R, 4)`, the bbox's pixel edges
-            ``[x1, y1, x2 + 1, y2 + 1] * [mm_x, mm_y, mm_x, mm_y]``.
-        centroid_xy_mm: float64 :math:`(R, 2)`, pixel centres: ``(c + 0.5) * mm``.
+            ``[x1, y1, x2 + 1, y2 + 1] * [mm_x, mm_y, mm_x, mm_y]`` (plus the origin).
+        centroid_xy_mm: float64 :math:`(R, 2)`, pixel centres: ``(c + 0.5) * mm`` (plus the
+            origin).
         length_mm: float64 :math:`(R,)`, the longer bbox side in mm.
     """
 
@@ -56,7 +57,10 @@ class RegionUnits(NamedTuple):
 
 
 def region_units(
-    regions: Regions, pixel_size_mm: float, map_to_image: Tuple[float, float] = (1.0, 1.0)
+    regions: Regions,
+    pixel_size_mm: float,
+    map_to_image: Tuple[float, float] = (1.0, 1.0),
+    origin_xy: Tuple[float, float] = (0.0, 0.0),
 ) -> RegionUnits:
     r"""Area, bbox and centroid of regions in millimetres.
 
@@ -68,6 +72,9 @@ def region_units(
         regions: :class:`~torchdefects.Regions`.
         pixel_size_mm: size of an original-image pixel in mm, ``> 0``.
         map_to_image: ``(sx, sy)``, both ``> 0``.
+        origin_xy: where the map's top-left corner lies in the original image, in image
+            pixels (not 0 for a center crop: :meth:`~torchdefects.geometry.ImageSpace.affine_xy`);
+            it shifts ``bbox_xyxy_mm`` and ``centroid_xy_mm``, not the sizes.
 
     Example:
         >>> from torchdefects import connected_components, region_stats
@@ -77,6 +84,7 @@ def region_units(
         tensor([0.1600], dtype=torch.float64)
     """
     sx, sy = float(map_to_image[0]), float(map_to_image[1])
+    ox, oy = float(origin_xy[0]), float(origin_xy[1])
     for name, v in (
         ("pixel_size_mm", pixel_size_mm),
         ("map_to_image[0]", sx),
@@ -84,20 +92,39 @@ def region_units(
     ):
         if not (math.isfinite(v) and v > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    mx = pixel_size_mm * sx
-    my = pixel_size_mm * sy
-    box = regions.bbox_xyxy.to(torch.float64)
-    scale = torch.tensor([mx, my, mx, my], dtype=torch.float64, device=box.device)
-    edges = torch.stack([box[:, 0], box[:, 1], box[:, 2] + 1, box[:, 3] + 1], 1) * scale
-    cscale = torch.tensor([mx, my], dtype=torch.float64, device=box.device)
-    centroid = (regions.centroid_xy.to(torch.float64) + 0.5) * cscale
-    length = torch.maximum(edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1])
+    for name, v in (("origin_xy[0]", ox), ("origin_xy[1]", oy)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
+    n = regions.area.shape[0]
+    dev = regions.area.device
+    mm = torch.tensor(
+        [pixel_size_mm * sx, pixel_size_mm * sy], dtype=torch.float64, device=dev
+    ).expand(n, 2)
+    area_mm2, edges, length = _mm_geometry(regions.area, regions.bbox_xyxy, mm)
+    origin = torch.tensor([ox * pixel_size_mm, oy * pixel_size_mm], dtype=torch.float64, device=dev)
+    centroid = (regions.centroid_xy.to(torch.float64) + 0.5) * mm
+    if ox != 0.0 or oy != 0.0:
+        edges = edges + origin.repeat(2)
+        centroid = centroid + origin
     return RegionUnits(
-        area_mm2=regions.area.to(torch.float64) * (mx * my),
-        bbox_xyxy_mm=edges,
-        centroid_xy_mm=centroid,
-        length_mm=length,
+        area_mm2=area_mm2, bbox_xyxy_mm=edges, centroid_xy_mm=centroid, length_mm=length
     )
+
+
+def _mm_geometry(area: Tensor, bbox_xyxy: Tensor, mm_xy: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(area_mm2, bbox edges in mm (R, 4), length_mm)`` from a map pixel's size per region.
+
+    The one formula of millimetre geometry (scriptable, exportable): :func:`region_units`
+    and the head's severity features both use it, so their values are bit-equal.
+    ``mm_xy``: float64 :math:`(R, 2)`, ``[mm_x, mm_y]`` of a map pixel of each region.
+    """
+    box = bbox_xyxy.to(torch.float64)
+    mx = mm_xy[:, 0]
+    my = mm_xy[:, 1]
+    x1, y1, x2, y2 = box[:, 0] * mx, box[:, 1] * my, (box[:, 2] + 1) * mx, (box[:, 3] + 1) * my
+    edges = torch.stack([x1, y1, x2, y2], 1)
+    length = torch.maximum(edges[:, 2] - edges[:, 0], edges[:, 3] - edges[:, 1])
+    return area.to(torch.float64) * (mx * my), edges, length
 
 
 class SeverityRules(NamedTuple):
@@ -196,6 +223,63 @@ def severity_features(
     return torch.stack(cols, 1)
 
 
+def _feature_table(
+    area: Tensor,
+    bbox_xyxy: Tensor,
+    score_max: Tensor,
+    score_mean: Tensor,
+    mm_xy: Optional[Tensor],
+    columns: List[int],
+) -> Tensor:
+    """The ``columns`` of :func:`severity_features` from plain tensors (the head's form:
+    scriptable, exportable, only the columns some rule tests).
+
+    ``mm_xy``: float64 :math:`(R, 2)`, a map pixel's size in mm per region, or None (the mm
+    columns are NaN). The aspect ratio is :func:`~torchdefects.shape_stats`' formula.
+    Returns float64 :math:`(R, len(columns))`.
+    """
+    n = area.shape[0]
+    f64 = torch.float64
+    nan = torch.full((n,), float("nan"), dtype=f64, device=area.device)
+    area_mm2 = nan
+    length_mm = nan
+    if mm_xy is not None and (3 in columns or 4 in columns):
+        area_mm2, _, length_mm = _mm_geometry(area, bbox_xyxy, mm_xy)
+    cols: List[Tensor] = []
+    for c in columns:
+        if c == 0:
+            cols.append(area.to(f64))
+        elif c == 1:
+            cols.append(score_max.to(f64))
+        elif c == 2:
+            cols.append(score_mean.to(f64))
+        elif c == 3:
+            cols.append(area_mm2)
+        elif c == 4:
+            cols.append(length_mm)
+        else:
+            w = (bbox_xyxy[:, 2] - bbox_xyxy[:, 0] + 1).to(f64)
+            h = (bbox_xyxy[:, 3] - bbox_xyxy[:, 1] + 1).to(f64)
+            cols.append(torch.maximum(w / h, h / w))
+    if len(cols) == 0:
+        return torch.zeros(n, 0, dtype=f64, device=area.device)
+    return torch.stack(cols, 1)
+
+
+def _first_rule(features: Tensor, thresholds: Tensor, active: Tensor) -> Tensor:
+    """Index of the first rule all of whose conditions hold per row, ``N`` for none: int64 (R,)."""
+    n_rules = thresholds.shape[0]
+    r = features.shape[0]
+    dev = features.device
+    if n_rules == 0:
+        return torch.zeros(r, dtype=torch.int64, device=dev)
+    # A NaN feature fails ">=", so a rule testing a missing column never holds.
+    holds = features.unsqueeze(1) >= thresholds.to(dev).unsqueeze(0)
+    match = (holds | ~active.to(dev).unsqueeze(0)).all(2)  # (R, N)
+    rank = torch.arange(n_rules, device=dev).expand(r, n_rules)
+    return torch.where(match, rank, n_rules).amin(1)
+
+
 def severity_classes(
     features: Tensor, thresholds: Tensor, active: Tensor, batch_index: Tensor, num_images: int
 ) -> Tuple[Tensor, Tensor]:
@@ -218,20 +302,10 @@ def severity_classes(
         (tensor([0, 1]), tensor([ 0,  1, -1]))
     """
     n_rules = thresholds.shape[0]
-    r = features.shape[0]
     dev = features.device
-    holds = (features.unsqueeze(1) >= thresholds.to(dev).unsqueeze(0)) | ~active.to(dev).unsqueeze(
-        0
-    )
-    match = holds.all(2)  # (R, N)
-    rank = torch.arange(n_rules, device=dev).expand(r, n_rules)
-    first = (
-        torch.where(match, rank, n_rules).amin(1)
-        if n_rules > 0
-        else torch.zeros(r, dtype=torch.int64, device=dev)
-    )
+    first = _first_rule(features, thresholds, active)
     region_class = torch.where(first >= n_rules, -1, first)
     image = torch.full((num_images,), n_rules, dtype=torch.int64, device=dev)
-    image = image.scatter_reduce(0, batch_index, first, reduce="amin")
+    image = image.scatter_reduce(0, batch_index.to(dev), first, reduce="amin")
     image_class = torch.where(image >= n_rules, -1, image)
     return region_class, image_class

@@ -15,7 +15,7 @@ from torchdefects import files
 from torchdefects.attach import _pick_score
 from torchdefects.batch.data import Batch, Group
 from torchdefects.batch.options import RunOptions, RunUsageError
-from torchdefects.batch.records import error_record, result_record
+from torchdefects.batch.records import error_record, result_record, units_columns
 from torchdefects.batch.writer import Job
 from torchdefects.geometry import ImageSpace
 
@@ -141,11 +141,21 @@ class Compute:
         else:
             maps = x[:, None]
         h, w = int(maps.shape[2]), int(maps.shape[3])
+        spaces = [self._space(g.image_sizes[k], h, w) for k in range(len(g.indices))]
         cols = None
         mask = None
         labels = None
+        cfg = plan.cfg
+        severity_names = None
+        image_sev: Optional[List[int]] = None
+        units: Optional[List[Any]] = None
         if self.head is not None:
-            d = self.head(maps, None, det_score)
+            scale = None
+            if cfg.pixel_size_mm is not None:
+                # A map pixel spans (sx, sy) image pixels: the head's mm rules see it.
+                affine = [(1.0, 1.0) if s is None else s.affine_xy()[0] for s, _ in spaces]
+                scale = torch.tensor(affine, dtype=torch.float64, device=maps.device)
+            d = self.head(maps, None, det_score, scale)
             counts = d.num_regions.cpu().tolist()
             rmax, rmean = d.roi_max.cpu().tolist(), d.roi_mean.cpu().tolist()
             scores, labels = d.image_score.cpu().tolist(), d.image_label.cpu().tolist()
@@ -155,6 +165,13 @@ class Compute:
                 cols["solidity"] = d.solidity.cpu().tolist()
             if d.merged_from is not None:
                 cols["merged_from_ids"] = _merged_from_ids(d.merged_from, len(cols["label"]))
+            if d.severity is not None and d.image_severity is not None:
+                cols["severity"] = d.severity.cpu().tolist()
+                image_sev = d.image_severity.cpu().tolist()
+                severity_names = [rule["name"] for rule in cfg.severity_rules or []]
+            if cfg.pixel_size_mm is not None:
+                more, units = units_columns(r, counts, [s for s, _ in spaces], cfg.pixel_size_mm)
+                cols.update(more)
             if plan.mask_dir is not None or plan.overlay_dir is not None:
                 mask = d.mask[:, 0].cpu().numpy()
         else:
@@ -171,7 +188,7 @@ class Compute:
         jobs = []
         start = 0
         for k, index in enumerate(g.indices):
-            space, img_size = self._space(g.image_sizes[k], h, w)
+            space, img_size = spaces[k]
             rec = result_record(
                 index=index, path=plan.paths[index], map_shape=(h, w), image_size=img_size,
                 space=space, threshold=plan.threshold or 0.0, provenance=plan.provenance or {},
@@ -179,6 +196,9 @@ class Compute:
                 score=scores[k], score_source=source,
                 label=None if labels is None else int(labels[k]),
                 image_threshold=plan.cfg.image_threshold,
+                severity_names=severity_names,
+                image_severity=None if image_sev is None else image_sev[k],
+                units=None if units is None else units[k],
             )  # fmt: skip
             start += int(counts[k])
             job = Job(index, rec, space=space)

@@ -32,6 +32,7 @@ __all__ = [
     "record_schema",
     "region_line",
     "result_record",
+    "units_columns",
 ]
 
 #: Error types of the input itself (recorded, not retried) and of the moment (retried).
@@ -99,7 +100,13 @@ def _shape(bbox: List[int], area: int) -> Dict[str, Any]:
     return {"bbox_area": w * h, "fill_ratio": area / (w * h), "aspect_ratio": max(w / h, h / w)}
 
 
-def _regions(cols: Dict[str, List[Any]], start: int, n: int, space: Any) -> List[Dict[str, Any]]:
+def _regions(
+    cols: Dict[str, List[Any]],
+    start: int,
+    n: int,
+    space: Any,
+    severity_names: Optional[Sequence[str]] = None,
+) -> List[Dict[str, Any]]:
     out = []
     for j in range(start, start + n):
         reg: Dict[str, Any] = {
@@ -117,8 +124,58 @@ def _regions(cols: Dict[str, List[Any]], start: int, n: int, space: Any) -> List
             reg["merged_from_ids"] = [int(v) for v in cols["merged_from_ids"][j]]
         if space is not None:
             reg["bbox_xyxy_image"] = space.bbox_to_image(reg["bbox_xyxy"])
+        if "area_mm2" in cols:
+            reg["area_mm2"] = float(cols["area_mm2"][j])
+            reg["bbox_xyxy_mm"] = [float(v) for v in cols["bbox_xyxy_mm"][j]]
+            reg["centroid_xy_mm"] = [float(v) for v in cols["centroid_xy_mm"][j]]
+        if severity_names is not None:
+            reg["severity"] = _severity_name(cols["severity"][j], severity_names)
         out.append(reg)
     return out
+
+
+def _severity_name(index: int, names: Sequence[str]) -> Optional[str]:
+    """A head severity class (rule index, -1 for none) as its rule's name (None)."""
+    return names[int(index)] if int(index) >= 0 else None
+
+
+def units_columns(
+    regions: Any, counts: Sequence[int], spaces: Sequence[Any], pixel_size_mm: float
+) -> Tuple[Dict[str, List[Any]], List[Dict[str, Any]]]:
+    """Millimetre columns of a batch's regions and each input's ``units`` block.
+
+    Each input's map pixel spans ``(sx, sy)`` original-image pixels and its corner lies at
+    ``(ox, oy)`` (:meth:`~torchdefects.geometry.ImageSpace.affine_xy`; ``(1, 1)`` and
+    ``(0, 0)`` without an image space), so :func:`~torchdefects.region_units` with
+    ``pixel_size_mm`` gives ``area_mm2``, ``bbox_xyxy_mm`` and ``centroid_xy_mm`` (float64,
+    written in full: a rule's ``min_area_mm2`` compares with exactly this number).
+
+    Args:
+        regions: the head's :class:`~torchdefects.Regions` (any device).
+        counts: regions per input, in batch order.
+        spaces: each input's :class:`~torchdefects.geometry.ImageSpace` or None.
+        pixel_size_mm: size of an original-image pixel.
+    """
+    from torchdefects.regions import Regions
+    from torchdefects.severity import region_units
+
+    cpu = Regions(*(t.cpu() for t in regions))
+    cols: Dict[str, List[Any]] = {"area_mm2": [], "bbox_xyxy_mm": [], "centroid_xy_mm": []}
+    blocks = []
+    start = 0
+    for n, space in zip(counts, spaces):
+        scale, origin = (1.0, 1.0), (0.0, 0.0)
+        if space is not None:
+            scale, origin = space.affine_xy()
+        part = Regions(*(t[start : start + int(n)] for t in cpu))
+        u = region_units(part, pixel_size_mm, scale, origin)
+        cols["area_mm2"] += u.area_mm2.tolist()
+        cols["bbox_xyxy_mm"] += u.bbox_xyxy_mm.tolist()
+        cols["centroid_xy_mm"] += u.centroid_xy_mm.tolist()
+        mm = [pixel_size_mm * scale[0], pixel_size_mm * scale[1]]
+        blocks.append({"pixel_size_mm": float(pixel_size_mm), "map_pixel_mm_xy": mm})
+        start += int(n)
+    return cols, blocks
 
 
 def result_record(
@@ -139,10 +196,18 @@ def result_record(
     score: Optional[float] = None,
     score_source: str = "roi_max",
     label: Optional[int] = None,
+    severity_names: Optional[Sequence[str]] = None,
+    image_severity: Optional[int] = None,
+    units: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """One input's result; ``cols`` (flat region columns of the batch, from the head) is
     ``None`` when defects are off, and then the record has no ``defects`` block. ``score``
-    is the image score (the detector's, ``score_source="detector"``, else the ROI max)."""
+    is the image score (the detector's, ``score_source="detector"``, else the ROI max).
+
+    With ``severity_names`` (the config's rule names, in order) ``cols["severity"]`` holds
+    the head's classes and ``image_severity`` the input's: both are written by name (null
+    for none). With ``units`` (:func:`units_columns`) the regions carry their millimetre
+    columns from ``cols``."""
     score, label = image_score_label(roi_max if score is None else score, label, image_threshold)
     source = score_source
     rec: Dict[str, Any] = {
@@ -165,8 +230,14 @@ def result_record(
         "pixel_threshold_provenance": provenance,
         "map_stats_roi": {"max": f32(roi_max), "mean": f32(roi_mean)},
         "mask": None,
-        "regions": _regions(cols, start, count, space),
+        "regions": _regions(cols, start, count, space, severity_names),
     }
+    if units is not None:
+        rec["defects"]["units"] = units
+    if severity_names is not None:
+        rec["defects"]["severity"] = _severity_name(
+            -1 if image_severity is None else image_severity, severity_names
+        )
     return rec
 
 
