@@ -150,6 +150,10 @@ def _components(fg: Tensor, connectivity: int) -> Tuple[_Runs, Tensor]:
     of each one's component."""
     h, w = fg.shape[-2], fg.shape[-1]
     runs = _row_runs(fg.reshape(-1, w))
+    if not _exporting() and runs.row.shape[0] == 0:
+        # No run (known from the shape). Scripted on CUDA, edges of no run came out with
+        # the wrong dtype after other calls (H100, torch 2.11): nothing to join anyway.
+        return runs, runs.row.clone()
     a, b = _run_edges(runs, h, w, connectivity)
     return runs, _union_find(runs.row.shape[0], a, b)
 

@@ -349,7 +349,7 @@ def _label_regions(
 
     row, start, end = runs.row, runs.start, runs.end
     device = mask.device
-    if row.shape[0] == 0:
+    if not _exporting() and row.shape[0] == 0:
         # No foreground (known from the shape, no read). Scripted on CUDA, the size read
         # below came out non-zero for an empty 1x1 mask after other calls (H100, torch 2.11).
         return labels, counts, _empty_regions(device, score_dtype)
