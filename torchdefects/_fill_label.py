@@ -86,20 +86,20 @@ def _fill_label_regions(
     else:
         lo, hi = first, stop
     at = torch.cat([lo - w2, lo + w2]).clamp(0, total - 1)
-    found = count.index_select(0, at)
+    found = count.gather(0, at)
     me = node.repeat(2)
     # The segment found, or the next one when it is of the other class (classes alternate).
     seg = found + ((found ^ me) & 1)
     # It touches when it starts before this one's end (shifted to its row, plus the slack);
     # a segment of a later row never does.
     bound = torch.cat([hi - w2, hi + w2])
-    hit = start.index_select(0, seg) < bound
+    hit = start.gather(0, seg) < bound
     other = torch.where(hit, seg, me)
     a = torch.cat([me, other])
     c = torch.cat([other, me])
 
     # Segments holding a row's last (pad) pixel hold a row end: the outside, pinned to 0.
-    ends = count.index_select(0, torch.arange(w2 - 1, total, w2, device=device))
+    ends = count.gather(0, torch.arange(w2 - 1, total, w2, device=device))
     root = _union_find_forest(node.index_fill(0, ends, 0), a, c)
     filled = root != 0  # foreground, and background enclosed by it
     # 1 on the holes: the filled segments that are not foreground (odd ones all are).
@@ -113,7 +113,7 @@ def _fill_label_regions(
         # joins the foreground segment right above and below its first pixel (any other
         # one it touches there is the flank of a hole segment of that row).
         up = found | 1
-        touch = (start.index_select(0, up) < bound) & (hole.repeat(2) != 0)
+        touch = (start.gather(0, up) < bound) & (hole.repeat(2) != 0)
         up = torch.where(touch, up, me)
         a2 = a2 + [me, up]
         c2 = c2 + [up, me]
@@ -121,13 +121,13 @@ def _fill_label_regions(
 
     # Numbering: roots are the first segments of their regions, in raster order.
     is_root = ((root == node) & filled).to(torch.int64)
-    number = torch.cumsum(is_root, 0).index_select(0, root)
+    number = torch.cumsum(is_root, 0).gather(0, root)
     row = torch.div(first, w2, rounding_mode="floor")
     image = torch.div(row, h2, rounding_mode="floor")
     counts = torch.zeros(b, dtype=torch.int64, device=device).scatter_add(0, image, is_root)
     last = torch.cumsum(counts, 0)
     before = last - counts
-    label = torch.where(filled, number - before.index_select(0, image), 0)
+    label = torch.where(filled, number - before.gather(0, image), 0)
 
     # Region statistics from the filled segments (positions in the padded grid).
     keep = _flat_nonzero(filled)
@@ -136,7 +136,7 @@ def _fill_label_regions(
     cols = torch.stack([first, stop - first, x, y, number - 1], 1).index_select(0, keep)
     pos, length, x, y, region = cols.unbind(1)
     # The pixels of the regions, in raster order (one listing, no per-run expansion).
-    pixels = _flat_nonzero(filled.index_select(0, count))
+    pixels = _flat_nonzero(filled.gather(0, count))
     num_regions = int(torch.where(map_ok.all(), counts.sum(), -1))
     score_dtype = torch.float64 if anomaly_map.dtype == torch.float64 else torch.float32
     if num_regions < 0:
@@ -172,12 +172,12 @@ def _fill_label_regions(
         regions = _take(regions, index)
         chosen = torch.zeros(num_regions + 1, dtype=torch.bool, device=device)
         chosen = chosen.index_fill(0, index + 1, True)
-        label = torch.where(chosen.index_select(0, number), label, 0)
+        label = torch.where(chosen.gather(0, number), label, 0)
     return True, _paint_padded(label, count, mask.shape), counts, regions
 
 
 def _paint_padded(label: Tensor, count: Tensor, shape: List[int]) -> Tensor:
     """The label map of shape ``shape`` from the label of each segment of the padded batch."""
     b, h, w = shape[0], shape[2], shape[3]
-    painted = label.to(torch.int32).index_select(0, count).view(b, 1, h + 2, w + 2)
+    painted = label.to(torch.int32).gather(0, count).view(b, 1, h + 2, w + 2)
     return painted.narrow(2, 1, h).narrow(3, 1, w)

@@ -80,8 +80,10 @@ def _hook_and_jump(parent: Tensor, pa: Tensor, pb: Tensor) -> Tensor:
     root at the end.
     """
     parent = parent.scatter_reduce(0, pa, pb, reduce="amin")
+    # gather, not index_select: the same 1-D read, with about half the host cost per call
+    # on CUDA (index_select goes through gather and a copy there).
     for _ in range(4):
-        parent = parent.index_select(0, parent)
+        parent = parent.gather(0, parent)
     return parent
 
 
@@ -90,10 +92,10 @@ def _union_find_traced(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
     from torch._higher_order_ops.while_loop import while_loop
 
     def cond(p: Tensor) -> Tensor:
-        return (p.index_select(0, a) != p.index_select(0, b)).any()
+        return (p.gather(0, a) != p.gather(0, b)).any()
 
     def body(p: Tensor) -> Tuple[Tensor]:
-        return (_hook_and_jump(p, p.index_select(0, a), p.index_select(0, b)),)
+        return (_hook_and_jump(p, p.gather(0, a), p.gather(0, b)),)
 
     return while_loop(cond, body, (parent,))[0]
 
@@ -119,16 +121,16 @@ def _union_find_forest(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
     if not torch.jit.is_scripting():  # noqa: SIM102
         if _exporting():
             return _union_find_traced(parent, a, b)
-    parent = _hook_and_jump(parent, parent.index_select(0, a), parent.index_select(0, b))
-    pa = parent.index_select(0, a)
-    pb = parent.index_select(0, b)
+    parent = _hook_and_jump(parent, parent.gather(0, a), parent.gather(0, b))
+    pa = parent.gather(0, a)
+    pb = parent.gather(0, b)
     # Checks after rounds 2, 4, 6, ...: components of defect masks take one to five
     # rounds, so this halves the host synchronizations for at most one extra round.
     while not torch.equal(pa, pb):
         parent = _hook_and_jump(parent, pa, pb)
-        parent = _hook_and_jump(parent, parent.index_select(0, a), parent.index_select(0, b))
-        pa = parent.index_select(0, a)
-        pb = parent.index_select(0, b)
+        parent = _hook_and_jump(parent, parent.gather(0, a), parent.gather(0, b))
+        pa = parent.gather(0, a)
+        pb = parent.gather(0, b)
     return parent
 
 
@@ -136,12 +138,12 @@ def _union_find_from(parent: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """:func:`_union_find` from a finished forest ``parent`` and edges ``(a, b)`` of which
     only a few join two of its trees: a check before every round (none when ``parent``
     already joins every edge)."""
-    pa = parent.index_select(0, a)
-    pb = parent.index_select(0, b)
+    pa = parent.gather(0, a)
+    pb = parent.gather(0, b)
     while not torch.equal(pa, pb):
         parent = _hook_and_jump(parent, pa, pb)
-        pa = parent.index_select(0, a)
-        pb = parent.index_select(0, b)
+        pa = parent.gather(0, a)
+        pb = parent.gather(0, b)
     return parent
 
 
