@@ -70,7 +70,8 @@ def extract_defects(
             ``border_ignore_px``, ``map_smoothing_method``, ``hysteresis_enabled``,
             ``min_score_max``, ``max_regions_sort_by`` ...) under their
             :class:`~torchdefects.DefectsConfig` names, run by the head (docs/postprocessing.md);
-            validated there (``mask_space="full"`` is not supported yet).
+            validated there (``mask_space="full"``: ``"mask"`` is the whole map's mask, the
+            regions stay ROI-gated; see :class:`~torchdefects.DefectHead`).
 
     Returns:
         ``{"space": {"type": "anomaly_map", "shape": [H, W]}, "pixel_threshold": float,
