@@ -82,5 +82,10 @@ PY
 tag="" run_bench 80 bench_components --quick
 tag="_b64" run_bench 50 bench_components --quick --batch 64
 tag="" run_bench 70 bench_head --quick --skip-cpu --modes eager,scripted
-tag="_compiled" run_bench 110 bench_head --quick --skip-cpu --modes static,compiled_static,compiled --gpu-batches 1,64
+tag="_compiled" run_bench 90 bench_head --quick --skip-cpu --modes static,compiled_static --gpu-batches 1,64
+# Where a batch-1 forward spends its time (host overhead against device time).
+note "== profile_head --batch 1 --mode scripted"
+timeout 60 python3 scripts/profile_head.py --batch 1 --mode scripted --rows 15 > /tmp/profile_b1.log 2>&1
+grep -E "Self CPU time total|Self CUDA time total|cudaLaunchKernel|cudaStreamSynchronize|cudaMemcpyAsync" \
+    /tmp/profile_b1.log | head -n 8 | tee -a "$summary"
 note "== done $(date -u +%FT%TZ)"

@@ -179,7 +179,7 @@ def test_usage_error_leaves_out_untouched(tmp_path, capsys):
         ["--pixel-threshold", "0.5", "--defect-open-ksize", "2"],
         ["--pixel-threshold", "0.5", "--device", "tpu"],
         ["--pixel-threshold", "0.5", "--config", str(tmp_path / "missing.json")],
-        ["--pixel-threshold", "0.5", "--defects-mask-space", "full"],
+        ["--pixel-threshold", "0.5", "--defects-mask-space", "all"],
         ["--pixel-threshold-strategy", "normal_pixel_quantile"],
     ):
         assert main([*base, *extra]) == 2, extra

@@ -415,7 +415,8 @@ def test_save_masks_dir_overlays_dir_mask_format_and_infer_config(tmp_path):
     recs = _recs(tmp_path / "out")
     for r in recs:
         blk = r["defects"]["mask"]
-        assert set(blk) == {"path", "shape", "dtype", "encoding", "space"}
+        assert set(blk) == {"path", "shape", "dtype", "encoding", "space", "mask_space"}
+        assert blk["mask_space"] == "roi"
         assert os.path.isabs(blk["path"]) and blk["path"].startswith(str(masks))
         assert blk["encoding"] == "npy_uint8_0_255" and blk["dtype"] == "uint8"
         saved = np.load(blk["path"])

@@ -156,8 +156,8 @@ def test_pyimgano_keywords_and_errors():
         "max_regions_sort_by": "score_max",
     }
     assert extract_defects(m, pixel_threshold=0.5, **neutral)["regions"][0]["area"] == 16
-    with pytest.raises(ValueError, match='mask_space="full" is not supported yet'):
-        extract_defects(m, pixel_threshold=0.5, mask_space="full")
+    with pytest.raises(ValueError, match="mask_space must be one of 'roi', 'full', got 'all'"):
+        extract_defects(m, pixel_threshold=0.5, mask_space="all")
     with pytest.raises(ValueError, match=r"anomaly_map must be 2D \(H, W\), got shape \(1, 4, 4\)"):
         extract_defects(m[None], pixel_threshold=0.5)
     with pytest.raises(TypeError, match=r"anomaly_map must be a NumPy array or a torch\.Tensor"):

@@ -266,7 +266,7 @@ def test_merge_gap_zero_and_unmerged_ids():
 
 def test_every_toolbox_field_is_supported():
     names = {f.name for f in dataclasses.fields(DefectsConfig)}
-    waiting = {"mask_space", "pixel_size_mm", "severity_rules"}  # not in the head yet
+    waiting = {"pixel_size_mm", "severity_rules"}  # not in the head yet
     assert (
         set(UNSUPPORTED_UNTIL_IMPLEMENTED) <= waiting
         and set(UNSUPPORTED_UNTIL_IMPLEMENTED) <= names

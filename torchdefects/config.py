@@ -89,9 +89,7 @@ LEGACY_PROVENANCE_SOURCES = ("config", "calibration")
 #: Fields whose stage torchdefects lacks for now, with the neutral value they are accepted at.
 #: A field's sub-settings (``hysteresis_low``, ``map_smoothing_ksize`` ...) are inert while
 #: its switch here is neutral, so they are validated but accepted. The toolbox empties this.
-UNSUPPORTED_UNTIL_IMPLEMENTED: Dict[str, Any] = {
-    "mask_space": "roi",
-}
+UNSUPPORTED_UNTIL_IMPLEMENTED: Dict[str, Any] = {}
 
 #: pyimgano's nested forms inside ``defects``: ``{block: {key: field}}``.
 PYIMGANO_NESTED: Dict[str, Dict[str, str]] = {
@@ -246,11 +244,12 @@ class DefectsConfig:
     )
     mask_space: str = _f(
         "roi",
-        "pyimgano's exported mask: roi (gated by the ROI; ours) or full",
+        "pyimgano's exported mask: roi (the reported regions) or full (the whole map's mask, "
+        "no ROI gate, no max_regions; regions stay ROI-gated)",
         flag="--defects-mask-space",
         choices=("roi", "full"),
         group="roi",
-        oracle="-",
+        oracle="NumPy/OpenCV/SciPy pipeline without the ROI",
     )
     border_ignore_px: int = _f(
         0,

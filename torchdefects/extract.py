@@ -71,7 +71,8 @@ def extract_defects(
             ``border_ignore_px``, ``map_smoothing_method``, ``hysteresis_enabled``,
             ``min_score_max``, ``max_regions_sort_by`` ...) under their
             :class:`~torchdefects.DefectsConfig` names, run by the head (docs/postprocessing.md);
-            validated there (``mask_space="full"`` is not supported yet), and
+            validated there (``mask_space="full"``: ``"mask"`` is the whole map's mask, the
+            regions stay ROI-gated; see :class:`~torchdefects.DefectHead`), and
             ``pixel_size_mm`` and ``severity_rules`` (torchdefects' own).
         map_to_image: ``(sx, sy)``, the original-image pixels a map pixel spans (default
             ``(1, 1)``); with ``pixel_size_mm`` a map pixel is ``pixel_size_mm * (sx, sy)`` mm.

@@ -28,6 +28,7 @@ from torchdefects.regions import Regions, _label_regions, select_regions
 from torchdefects.roi import _masked_stats, _roi_mask, roi_tensor
 from torchdefects.severity import _feature_table, _first_rule, parse_severity_rules
 from torchdefects.shape import solidity as _solidity
+from torchdefects.threshold import binarize
 
 __all__ = ["DefectHead", "Defects", "StaticDefectHead", "StaticDefects"]
 
@@ -36,7 +37,9 @@ class Defects(NamedTuple):
     """What :class:`DefectHead` returns.
 
     Attributes:
-        mask: bool :math:`(B, 1, H, W)`, the pixels of the reported regions.
+        mask: bool :math:`(B, 1, H, W)`, the pixels of the reported regions; with
+            ``config.mask_space == "full"``, the whole-map mask instead (see
+            :class:`DefectHead`, "Mask space").
         labels: int32 :math:`(B, 1, H, W)`, 0 background, else the region's ``label``.
         num_regions: int64 :math:`(B,)`, regions reported per image.
         regions: :class:`~torchdefects.Regions`, flat over the batch, grouped by image in batch
@@ -184,6 +187,20 @@ class _HeadOut(NamedTuple):
     merged_from: Optional[Tensor]
     severity: Optional[Tensor]
     image_severity: Optional[Tensor]
+    full_mask: Optional[Tensor]
+
+
+def _kept_pixels(labels: Tensor, regions: Regions, keep: Tensor) -> Tensor:
+    """bool mask of the pixels whose region (a row of ``regions``, the rows of ``labels``'s
+    :func:`~torchdefects.region_stats`) has ``keep`` set: one gather through an (image, label)
+    table, no host sync."""
+    b, h, w = labels.shape[0], labels.shape[2], labels.shape[3]
+    width = h * w + 1
+    key_dtype = labels.dtype if b * width < 2**31 else torch.int64
+    table = torch.zeros(b * width, dtype=torch.bool, device=labels.device)
+    table = table.index_put((regions.batch_index * width + regions.label,), keep)
+    base = (torch.arange(b, device=labels.device) * width).to(key_dtype).view(b, 1, 1, 1)
+    return table.index_select(0, (labels.to(key_dtype) + base).reshape(-1)).view(labels.shape)
 
 
 def _keep_labels(labels: Tensor, kept: Regions) -> Tensor:
@@ -251,6 +268,19 @@ class DefectHead(nn.Module):
       first rule whose conditions all hold (``Defects.severity``, -1 for none) and each image
       its lowest region index (``Defects.image_severity``); millimetre conditions use
       ``pixel_size_mm`` times ``map_to_image`` (docs/postprocessing.md, "Units and severity").
+
+    **Mask space** (``config.mask_space``, pyimgano's). ``"roi"`` (the default): ``mask`` is
+    ``labels != 0``, the reported regions. ``"full"`` (pyimgano's mask "for debugging"):
+    ``mask`` is the mask over the whole map, made by the same stages with no ROI gate
+    (threshold or hysteresis, open, close, fill holes, dilation; NaN pixels are never
+    foreground), then labeled at ``connectivity`` and filtered per component by ``min_area``,
+    ``min_score_max``, ``min_score_mean``, ``min_fill_ratio``, ``max_aspect_ratio`` and
+    ``min_solidity`` (scores on the conditioned map), but not by ``max_regions`` nor
+    ``min_score_max_quantile`` (merging never changes mask pixels): pyimgano's
+    ``postprocess_binary_mask`` rule, in our order of stages (filters after fill and
+    dilation). Everything else (``labels``, ``regions``, ``num_regions``, the image score and
+    label) stays ROI-gated. Without an ROI the two masks are equal unless ``max_regions`` or
+    the quantile drops a region. :class:`StaticDefectHead` refuses ``"full"``.
 
     The threshold, the image threshold and the ROI are buffers in float64 (``threshold``,
     ``image_threshold``, ``roi``), so they follow ``.to(device)``; ``threshold`` and ``roi``
@@ -326,6 +356,8 @@ class DefectHead(nn.Module):
     pixel_size_mm: Final[float]
     severity_columns: List[int]
     severity_names: List[str]
+    full_mask: Final[bool]
+    full_filters: Final[bool]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "DefectHead":
         static = kwargs.get("static_output", args[1] if len(args) > 1 else False)
@@ -391,6 +423,16 @@ class DefectHead(nn.Module):
             or self.merge
             or config.min_score_max_quantile is not None
             or config.max_regions_sort_by != "score_max"
+        )
+        # mask_space "full": a second, ungated mask (see the class docstring); None when "roi".
+        self.full_mask = config.mask_space == "full"
+        self.full_filters = (
+            config.min_area > 1
+            or config.min_score_max is not None
+            or config.min_score_mean is not None
+            or config.min_fill_ratio is not None
+            or config.max_aspect_ratio is not None
+            or config.min_solidity is not None
         )
         thr = config.pixel_threshold if config.pixel_threshold is not None else float("nan")
         self.register_buffer("threshold", torch.tensor(thr, dtype=torch.float64))
@@ -623,6 +665,9 @@ class DefectHead(nn.Module):
         regions = stats
         sol: Optional[Tensor] = None
         merged: Optional[Tensor] = None
+        full: Optional[Tensor] = None
+        if self.full_mask:
+            full = self._full_mask(x, thr)
         if self.toolbox_regions:
             batch = x.shape[0]
             full_sol: Optional[Tensor] = None
@@ -698,7 +743,48 @@ class DefectHead(nn.Module):
             merged_from=merged,
             severity=severity,
             image_severity=image_severity,
+            full_mask=full,
         )
+
+    def _full_mask(self, scored: Tensor, thr: Tensor) -> Tensor:
+        """``Defects.mask`` for ``mask_space="full"``: the head's stages without the ROI gate,
+        then the per-component filters (not ``max_regions`` nor the quantile).
+
+        ``scored`` is the (conditioned) map regions are scored on, ``thr`` the per-image
+        threshold in the comparison dtype, as :meth:`_labels` returns them.
+        """
+        xs = scored if scored.dtype == thr.dtype else scored.to(thr.dtype)
+        not_nan = xs == xs
+        if self.hysteresis:
+            low, high = hysteresis_bounds(thr, self.hysteresis_low, self.hysteresis_high)
+            mask = hysteresis_threshold(xs, low, high, self.connectivity, None)
+        else:
+            mask = binarize(xs, thr)
+        if self.open_ksize > 0:
+            mask = opening(mask, self.open_ksize)
+        if self.close_ksize > 0:
+            mask = closing(mask, self.close_ksize) & not_nan
+        if self.fill_holes:
+            mask = fill_holes(mask) & not_nan
+        if self.dilate_ksize > 0:
+            mask = dilate_ellipse(mask, self.dilate_ksize) & not_nan
+        if self.full_filters:
+            labels, _, regions = _label_regions(mask, self.connectivity, scored)
+            sol: Optional[Tensor] = None
+            if self.min_solidity is not None:
+                sol = self._solidity(labels, regions)
+            keep = region_keep(
+                regions,
+                self.min_area,
+                self.min_score_max,
+                self.min_score_mean,
+                self.min_fill_ratio,
+                self.max_aspect_ratio,
+                self.min_solidity,
+                sol,
+            )
+            mask = _kept_pixels(labels, regions, keep)
+        return mask
 
     @torch.jit.unused
     def _solidity(self, labels: Tensor, regions: Regions) -> Tensor:
@@ -717,8 +803,13 @@ class DefectHead(nn.Module):
             )
             map_to_image = _eager_scale(map_to_image, anomaly_map)
         out = self._run(anomaly_map, pixel_threshold, image_score, map_to_image)
+        full = out.full_mask
+        if full is None:
+            mask = out.labels != 0
+        else:
+            mask = full
         return Defects(
-            mask=out.labels != 0,
+            mask=mask,
             labels=out.labels,
             num_regions=out.num_regions,
             regions=out.regions,
@@ -800,12 +891,14 @@ class StaticDefectHead(DefectHead):
         assert config.max_regions is not None
         self.capacity = config.max_regions
         # The traced static forward (torch.export, ONNX) runs the map conditioning, hysteresis,
-        # dilation and the score and shape filters; these stages have no static form yet.
+        # dilation and the score and shape filters; these stages (and mask_space "full", a
+        # second labeling) have no static form yet.
         for name, value, neutral in (
             ("min_solidity", config.min_solidity, None),
             ("merge_nearby_enabled", self.merge, False),
             ("min_score_max_quantile", config.min_score_max_quantile, None),
             ("max_regions_sort_by", config.max_regions_sort_by, "score_max"),
+            ("mask_space", config.mask_space, "roi"),
         ):
             if value != neutral:
                 shown = config.merge_nearby_enabled if name == "merge_nearby_enabled" else value

@@ -210,7 +210,9 @@ def _stream(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Tuple[int, int, bool
         worker_init_fn=worker_init if opts.num_workers > 0 else None,
     )
     compute = Compute(opts, plan)
-    writer = Writer(opts.out, results, regions, plan.mask_format, opts.mask_space, last)
+    writer = Writer(
+        opts.out, results, regions, plan.mask_format, opts.mask_space, last, plan.cfg.mask_space
+    )
     label = "torchdefects run" + (f" [rank {r.rank}]" if r.distributed else "")
     progress = Progress(label, len(todo), quiet=opts.quiet, tty=opts.progress)
     done = 0

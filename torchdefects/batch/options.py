@@ -137,8 +137,9 @@ class RunOptions:
         None, "PNG pictures in OUT/overlays or in DIR", _PYI, nargs="?", const=True,
         metavar="DIR", type=str)
     defects_mask_space: Optional[str] = _flag(
-        None, "pyimgano's mask_space: roi (the only one supported: pixels outside the ROI are "
-        "never foreground)", _PYI, choices=("roi", "full"))
+        None, "pyimgano's mask_space, the mask written and outlined: roi (the reported regions) "
+        "or full (the whole map's, no ROI gate; records stay ROI-gated)", _PYI,
+        choices=("roi", "full"))
     mask_space: str = _flag("anomaly_map", "masks at map size or image size (nearest)", _OUT,
                             choices=("anomaly_map", "image"))
     regions_jsonl: bool = _flag(False, "also OUT/regions.jsonl", _OUT)

@@ -70,11 +70,6 @@ def _check_options(opts: RunOptions) -> None:
             raise RunUsageError(f"{flag} must be two integers H W >= 1, got {list(v)}")
     if opts.resume and opts.overwrite:
         raise RunUsageError("--resume and --overwrite exclude each other")
-    if opts.defects_mask_space == "full":
-        raise RunUsageError(
-            "--defects-mask-space full is not supported yet: torchdefects gates pixels by "
-            "the ROI before morphology (mask_space roi)"
-        )
     if opts.mask_format is not None and opts.save_masks is None:
         raise RunUsageError("--mask-format needs --save-masks")
     if (opts.maps is None) == (opts.images is None):
@@ -121,8 +116,11 @@ def _load_config(opts: RunOptions) -> DefectsConfig:
             cfg = load_config(opts.config, opts.category)
         except (ConfigError, ValueError, TypeError, OSError) as e:
             raise RunUsageError(f"--config {opts.config}: {e}") from e
+    overrides = dict(opts.overrides)
+    if opts.defects_mask_space is not None:  # pyimgano's flag name for the field mask_space
+        overrides["mask_space"] = opts.defects_mask_space
     try:
-        return dataclasses.replace(cfg, **opts.overrides)
+        return dataclasses.replace(cfg, **overrides)
     except (TypeError, ValueError) as e:
         raise RunUsageError(str(e)) from e
 
@@ -343,7 +341,8 @@ def make_plan(opts: RunOptions, r: dist.Ranks) -> Plan:
 
 #: Flags that set what an exported detector + head file already fixes.
 _EMBEDDED_CLASH = ("config", "category", "pixel_threshold", "pixel_threshold_strategy",
-                   "pixel_normal_quantile", "train_dir", "map_output")  # fmt: skip
+                   "pixel_normal_quantile", "train_dir", "map_output",
+                   "defects_mask_space")  # fmt: skip
 
 
 def _adopt_embedded(opts: RunOptions, embedded: Dict[str, Any]) -> Tuple[DefectsConfig, Any]:

@@ -83,14 +83,18 @@ def image_score_label(
     return score, label
 
 
-def mask_block(path: str, shape: Sequence[int], encoding: str, space: str) -> Dict[str, Any]:
-    """Where an input's mask file is and how to read it."""
+def mask_block(
+    path: str, shape: Sequence[int], encoding: str, space: str, mask_space: str = "roi"
+) -> Dict[str, Any]:
+    """Where an input's mask file is, how to read it, and which mask it is (``mask_space``:
+    the config's, ``roi`` or ``full``)."""
     return {
         "path": path,
         "shape": [int(shape[0]), int(shape[1])],
         "dtype": _mask_dtype(encoding),
         "encoding": encoding,
         "space": space,
+        "mask_space": mask_space,
     }
 
 

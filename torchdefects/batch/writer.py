@@ -57,6 +57,8 @@ class Writer:
         mask_space: ``anomaly_map`` or ``image``.
         last_index: the largest index already in ``results_path`` (-1 if none), to tell
             whether the file stays in input order.
+        defects_mask_space: the config's ``mask_space`` (``roi`` or ``full``), recorded in
+            the mask block.
     """
 
     def __init__(
@@ -67,8 +69,10 @@ class Writer:
         mask_format: Optional[str],
         mask_space: str,
         last_index: int = -1,
+        defects_mask_space: str = "roi",
     ) -> None:
         self.out = out
+        self.defects_mask_space = defects_mask_space
         self.mask_format = mask_format
         self.mask_space = mask_space
         self._results = open(results_path, "a", encoding="utf-8", newline="\n")  # noqa: SIM115
@@ -178,7 +182,9 @@ class Writer:
                 space = "image"
             # Not fsync-ed: atomic against a kill, as the JSONL it is recorded in.
             enc = files.write_mask(job.mask_path, m, self.mask_format, durable=False)
-            d["mask"] = mask_block(self._rel(job.mask_path), m.shape, enc, space)
+            d["mask"] = mask_block(
+                self._rel(job.mask_path), m.shape, enc, space, self.defects_mask_space
+            )
         if job.overlay_path is not None and job.source is not None:
             self._write_overlay(job, d)
 
