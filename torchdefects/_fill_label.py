@@ -36,7 +36,7 @@ from torchdefects._runs import _flat_nonzero
 from torchdefects.components import _union_find_forest, _union_find_from
 from torchdefects.regions import Regions, _empty_regions, _run_stats, _select_index, _take
 
-__all__ = []  # type: ignore[var-annotated]
+__all__: List[str] = []
 
 
 def _fill_label_regions(

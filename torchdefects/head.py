@@ -190,31 +190,29 @@ class _HeadOut(NamedTuple):
     full_mask: Optional[Tensor]
 
 
-def _kept_pixels(labels: Tensor, regions: Regions, keep: Tensor) -> Tensor:
-    """bool mask of the pixels whose region (a row of ``regions``, the rows of ``labels``'s
-    :func:`~torchdefects.region_stats`) has ``keep`` set: one gather through an (image, label)
-    table, no host sync."""
+def _per_label(labels: Tensor, batch_index: Tensor, label: Tensor, values: Tensor) -> Tensor:
+    """The map of ``values[i]`` on the pixels of region ``(batch_index[i], label[i])`` of
+    ``labels`` (B, 1, H, W), 0/False elsewhere: one gather through a table over every
+    (image, label) pair, no host sync."""
     b, h, w = labels.shape[0], labels.shape[2], labels.shape[3]
     width = h * w + 1
     key_dtype = labels.dtype if b * width < 2**31 else torch.int64
-    table = torch.zeros(b * width, dtype=torch.bool, device=labels.device)
-    table = table.index_put((regions.batch_index * width + regions.label,), keep)
+    table = torch.zeros(b * width, dtype=values.dtype, device=labels.device)
+    table = table.index_put((batch_index * width + label,), values)
     base = (torch.arange(b, device=labels.device) * width).to(key_dtype).view(b, 1, 1, 1)
     return table.index_select(0, (labels.to(key_dtype) + base).reshape(-1)).view(labels.shape)
+
+
+def _kept_pixels(labels: Tensor, regions: Regions, keep: Tensor) -> Tensor:
+    """bool mask of the pixels whose region (a row of ``regions``, the rows of ``labels``'s
+    :func:`~torchdefects.region_stats`) has ``keep`` set."""
+    return _per_label(labels, regions.batch_index, regions.label, keep)
 
 
 def _keep_labels(labels: Tensor, kept: Regions) -> Tensor:
-    """The label map with only the pixels whose ``(image, label)`` is a row of ``kept``.
-
-    One gather through a table over every (image, label) pair (``select_regions``' relabel).
-    """
-    b, h, w = labels.shape[0], labels.shape[2], labels.shape[3]
-    width = h * w + 1
-    key_dtype = labels.dtype if b * width < 2**31 else torch.int64
-    table = torch.zeros(b * width, dtype=labels.dtype, device=labels.device)
-    table = table.index_put((kept.batch_index * width + kept.label,), kept.label.to(labels.dtype))
-    base = (torch.arange(b, device=labels.device) * width).to(key_dtype).view(b, 1, 1, 1)
-    return table.index_select(0, (labels.to(key_dtype) + base).reshape(-1)).view(labels.shape)
+    """The label map with only the pixels whose ``(image, label)`` is a row of ``kept``
+    (``select_regions``' relabel)."""
+    return _per_label(labels, kept.batch_index, kept.label, kept.label.to(labels.dtype))
 
 
 def _merged_pairs(merged_into: Tensor, label: Tensor, keep_before: Tensor, index: Tensor) -> Tensor:

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from torchdefects._check import _as_bhw
-from torchdefects.regions import Regions, region_stats
+from torchdefects._runs import _flat_nonzero
+from torchdefects.regions import Regions, _take, region_stats
 
 __all__ = [
     "MERGE_MAX_REGIONS",
@@ -39,22 +40,6 @@ SORT_KEYS: Tuple[str, str, str] = ("score_max", "score_mean", "area")
 # Merging compares every pair of kept regions of an image: B * K * K booleans for the image
 # with the most (K) kept regions. Above this many pairs merge_nearby raises.
 MERGE_MAX_REGIONS: int = 4096
-
-
-def _take(regions: Regions, index: Tensor) -> Regions:
-    return Regions(
-        batch_index=regions.batch_index.index_select(0, index),
-        label=regions.label.index_select(0, index),
-        area=regions.area.index_select(0, index),
-        bbox_xyxy=regions.bbox_xyxy.index_select(0, index),
-        centroid_xy=regions.centroid_xy.index_select(0, index),
-        score_max=regions.score_max.index_select(0, index),
-        score_mean=regions.score_mean.index_select(0, index),
-    )
-
-
-def _flat_nonzero(x: Tensor) -> Tensor:
-    return torch.nonzero(x).view(-1)
 
 
 def _first_row(regions: Regions, num_images: int) -> Tensor:
