@@ -336,6 +336,93 @@ def test_signal_with_workers_stops_fast_and_resumes(tmp_path, sig):
     assert [rec["index"] for rec in _records(out)] == list(range(n))
 
 
+def _returns_within(fn, seconds):
+    """Run ``fn`` on a daemon thread; whether it returned within ``seconds`` (its exception,
+    if it raised one, is raised here)."""
+    import threading
+
+    raised = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:
+            raised.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if raised:
+        raise raised[0]
+    return not t.is_alive()
+
+
+class _Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10_000
+
+    def __getitem__(self, i):
+        time.sleep(0.001)
+        return torch.full((4,), float(i))
+
+
+def test_stop_workers_never_waits_on_a_lock_a_killed_worker_held():
+    """The CI hang: a worker killed inside ``done_event.is_set()`` keeps the Event's lock, and
+    torch's shutdown (``_workers_done_event.set()``) then waits forever. Holding that lock
+    here stands for the killed worker."""
+    from torchdefects.batch.data import worker_init
+    from torchdefects.batch.folder import _stop_workers
+
+    loader = torch.utils.data.DataLoader(_Slow(), batch_size=4, num_workers=2,
+                                         worker_init_fn=worker_init)  # fmt: skip
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    lock = it._workers_done_event._cond
+    assert lock.acquire(timeout=5)
+    try:
+        assert _returns_within(lambda: _stop_workers(it), 10), "stop waited on the lock"
+    finally:
+        lock.release()
+    assert not any(w.is_alive() for w in workers)
+    # SIGTERM's default action, or torch's own handler (exit 0) before worker_init ran.
+    assert {w.exitcode for w in workers} <= {-signal.SIGTERM, 0}
+    it.__del__()  # torch's shutdown sees the iterator shut down and does nothing more
+
+
+def test_a_signal_inside_a_held_section_is_raised_on_the_way_out():
+    from torchdefects.batch.folder import _Signals
+    from torchdefects.batch.options import RunInterrupted
+
+    s = _Signals()
+    with pytest.raises(RunInterrupted) as e, s.held():
+        with s.held():
+            s.handler(signal.SIGTERM, None)  # deferred: no raise inside
+            s.handler(signal.SIGINT, None)  # the first one counts
+        reached_outer_body = True
+    assert reached_outer_body and e.value.signum == signal.SIGTERM
+    s.handler(signal.SIGINT, None)  # once fired, later signals are ignored
+    with s.held():
+        pass
+    s2 = _Signals()
+    with pytest.raises(RunInterrupted):
+        s2.handler(signal.SIGINT, None)  # outside a held section: at once
+
+
+def test_writer_discard_close_takes_no_lock_the_main_thread_may_hold(tmp_path):
+    """A signal can land between ``Lock.__enter__`` and the ``with`` block, leaving the
+    writer queue's mutex held by the interrupted main thread; a discarding close must still
+    return (it used to put a sentinel into that queue)."""
+    from torchdefects.batch.writer import Writer
+
+    w = Writer(str(tmp_path), str(tmp_path / "results.jsonl"), None, None, "anomaly_map")
+    assert w._queue.mutex.acquire(timeout=5)
+    try:
+        assert _returns_within(lambda: w.close(discard=True, wait=1.0), 10)
+    finally:
+        w._queue.mutex.release()
+
+
 # ----------------------------------------------------------------------------
 # Memory
 # ----------------------------------------------------------------------------

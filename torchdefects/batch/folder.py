@@ -15,8 +15,9 @@ The order of a run, so that a usage error never leaves a file behind:
 4. **finish**: rank files merged in input order, totals over every rank.
 
 SIGINT and SIGTERM stop the loaders at once and leave a resumable journal
-(:class:`~torchdefects.batch.options.RunInterrupted`); an out-of-memory sub-batch is run
-again one input at a time.
+(:class:`~torchdefects.batch.options.RunInterrupted`). The handler never raises inside the
+hand-over to the writer thread (a queue and its locks), and the stop takes no lock a
+killed worker may hold. An out-of-memory sub-batch is run again one input at a time.
 """
 
 import contextlib
@@ -88,37 +89,89 @@ def _open_journal(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Optional[journ
 # ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`RunInterrupted` in the main thread (once)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = []
+class _Signals:
+    """The run's signal state: the first SIGINT or SIGTERM raises :class:`RunInterrupted`
+    in the main thread, at once, or when it leaves a :meth:`held` section."""
 
-    def handler(signum: int, _: Any) -> None:
-        if fired:
+    def __init__(self) -> None:
+        self.fired: Optional[int] = None
+        self.pending: Optional[int] = None
+        self.depth = 0
+
+    def handler(self, signum: int, _: Any) -> None:
+        if self.fired is not None or self.pending is not None:
             return
-        fired.append(signum)
+        if self.depth:
+            self.pending = signum
+            return
+        self.fired = signum
         raise RunInterrupted(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No signal lands inside: an exception raised by a handler inside ``queue.Queue``
+        or a ``with lock:`` can leave the lock taken or a wake-up lost (the writer thread
+        then waits forever). What arrives meanwhile is raised on the way out."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.depth == 0 and self.pending is not None and self.fired is None:
+            self.fired, self.pending = self.pending, None
+            raise RunInterrupted(self.fired)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[_Signals]:
+    """SIGINT and SIGTERM raise :class:`RunInterrupted` in the main thread (once)."""
+    state = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    old = {s: signal.signal(s, state.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield state
     finally:
         for s, h in old.items():
             signal.signal(s, h)
 
 
-def _stop_workers(it: Any) -> None:
-    """Terminate loader workers now (their default shutdown waits up to seconds each)."""
-    for w in getattr(it, "_workers", []):
+def _stop_workers(it: Any, wait: float = 2.0) -> None:
+    """Stop loader workers now, touching no lock a worker may hold.
+
+    torch's own shutdown sets an ``Event`` shared with the workers and joins each for up to
+    5 s; after a worker was killed while holding that ``Event``'s lock, it waits forever.
+    So: unregister the workers from torch's SIGCHLD check, terminate them, reap them
+    (``SIGKILL`` after ``wait`` seconds), close the queues without joining their feeder
+    threads, and mark the iterator shut down so its ``__del__`` does nothing more.
+    """
+    workers = list(getattr(it, "_workers", None) or [])
+    if not workers:
+        return
+    if getattr(it, "_worker_pids_set", False):
+        with contextlib.suppress(Exception):
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    it._shutdown = True
+    done = getattr(it, "_pin_memory_thread_done_event", None)
+    if done is not None:
+        done.set()  # a threading.Event: the pin-memory thread ends at its next check
+    for w in workers:
         with contextlib.suppress(Exception):
             w.terminate()
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if shutdown is not None:
+    deadline = time.monotonic() + wait
+    for w in workers:
         with contextlib.suppress(Exception):
-            shutdown()
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=1.0)
+    for q in [*getattr(it, "_index_queues", []), getattr(it, "_worker_result_queue", None)]:
+        if q is not None:
+            with contextlib.suppress(Exception):
+                q.cancel_join_thread()
+                q.close()
 
 
 # ----------------------------------------------------------------------------
@@ -148,13 +201,13 @@ def run_folder(opts: RunOptions) -> RunSummary:
     """
     t0 = time.perf_counter()
     r = dist.ranks()
-    with stop_on_signals():
+    with stop_on_signals() as signals:
         plan = make_plan(opts, r)
         dist.start(r)
         try:
             lock = _open_journal(opts, plan, r)
             try:
-                processed, skipped, in_order = _stream(opts, plan, r)
+                processed, skipped, in_order = _stream(opts, plan, r, signals)
                 dist.barrier(r)
                 if r.rank == 0:
                     _finish_files(opts, plan, r, in_order)
@@ -186,7 +239,9 @@ def _results_name(r: dist.Ranks, stem: str) -> str:
     return f"{stem}.rank{r.rank}.jsonl" if r.distributed else f"{stem}.jsonl"
 
 
-def _stream(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Tuple[int, int, bool]:
+def _stream(
+    opts: RunOptions, plan: Plan, r: dist.Ranks, signals: _Signals
+) -> Tuple[int, int, bool]:
     """Process this rank's inputs still to do; (processed, skipped, results in order)."""
     n = len(plan.paths)
     sources = [os.path.join(opts.out, "results.jsonl")] + journal.rank_files(opts.out, "results")
@@ -222,7 +277,8 @@ def _stream(opts: RunOptions, plan: Plan, r: dist.Ranks) -> Tuple[int, int, bool
             it = iter(loader)
             for batch in it:
                 jobs = compute.batch(batch)
-                writer.put(jobs)
+                with signals.held():
+                    writer.put(jobs)
                 done += len(jobs)
                 progress.update(done, f"{writer.errors} errors")
     except BaseException:

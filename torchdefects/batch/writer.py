@@ -83,7 +83,7 @@ class Writer:
         )
         self._queue: queue.Queue[Optional[List[Job]]] = queue.Queue(maxsize=4)
         self._error: Optional[BaseException] = None
-        self._discard = False
+        self._discard = threading.Event()
         self.last_index = last_index
         self.in_order = True
         self.errors = 0
@@ -96,12 +96,22 @@ class Writer:
         self._raise()
         self._queue.put(jobs)
 
-    def close(self, discard: bool = False) -> None:
-        """Write what is queued (``discard``: only the batch being written, for a fast
-        stop; the rest runs again on resume), close the files; raise the writer's error."""
-        self._discard = discard
-        self._queue.put(None)
-        self._thread.join()
+    def close(self, discard: bool = False, wait: float = 5.0) -> None:
+        """Write what is queued and close the files; raise the writer's error.
+
+        ``discard`` (a fast stop after a signal): finish only the batch being written, for
+        at most ``wait`` seconds; the rest runs again on resume. It takes no lock the
+        interrupted main thread may still hold (a signal can land between a lock's
+        acquisition and its ``with`` block).
+        """
+        if discard:
+            self._discard.set()
+            self._thread.join(timeout=wait)
+            if self._thread.is_alive():
+                return  # a daemon thread, still writing: leave the files to it
+        else:
+            self._queue.put(None)
+            self._thread.join()
         self._results.close()
         if self._regions is not None:
             self._regions.close()
@@ -120,11 +130,14 @@ class Writer:
         raise RuntimeError(f"the writer thread failed: {type(e).__name__}: {e}") from e
 
     def _loop(self) -> None:
-        while True:
-            jobs = self._queue.get()
+        while not self._discard.is_set():
+            try:
+                jobs = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
             if jobs is None:
                 return
-            if self._error is not None or self._discard:
+            if self._error is not None:
                 continue  # drain so that put() never blocks forever
             try:
                 self._write(jobs)
