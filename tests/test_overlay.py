@@ -285,6 +285,36 @@ def test_rank_tags_follow_report_order_not_labels():
         assert tx2 < rx1 or tx1 > rx2 or ty2 < ry1 or ty1 > ry2
 
 
+@pytest.mark.parametrize("side", [96, 170, 400])
+def test_crowded_tags_never_cover_each_other(side):
+    """Eight regions in a tight grid: every tag stays readable (no tag covers another);
+    where room is short a tag drops its area, then its score, rather than cover one."""
+    rng = np.random.default_rng(1)
+    m = rng.random((side, side)).astype(np.float32) * 0.3
+    corners = [(0.1, 0.1), (0.22, 0.1), (0.34, 0.1), (0.1, 0.22), (0.22, 0.22), (0.34, 0.24),
+               (0.5, 0.12), (0.12, 0.36)]  # fmt: skip
+    boxes = []
+    for fx, fy in corners:
+        x1, y1 = int(fx * side), int(fy * side)
+        x2, y2 = x1 + int(0.07 * side), y1 + int(0.07 * side)
+        m[y1 : y2 + 1, x1 : x2 + 1] = 0.9
+        boxes.append([x1, y1, x2, y2])
+    pic = render_overlay(
+        anomaly_map=m,
+        mask=m > 0.5,
+        boxes_xyxy=boxes,
+        scores=list(np.linspace(0.95, 0.6, len(boxes))),
+        areas=[(b[2] - b[0] + 1) * (b[3] - b[1] + 1) for b in boxes],
+        threshold=0.5,
+    )
+    tags = [t["xyxy"] for t in _layout(pic)["tags"]]
+    assert len(tags) == len(boxes)
+    for i, a in enumerate(tags):
+        for b in tags[:i]:
+            apart = a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+            assert apart, (side, a, b)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (8, 8), (128, 128), (50, 300), (300, 7), (1, 40)])
 def test_text_inside_the_picture_at_several_sizes(shape):
     h, w = shape

@@ -21,7 +21,8 @@ Pure NumPy and Pillow (no OpenCV, no matplotlib). What a picture shows (see
   colour (cyan with a dark edge), each with a tag ``rank | score | area`` where rank is
   the region's position in the list given (1 = first = the worst in report order), not
   its raster label. Tags are placed inside the picture, beside their box when there is
-  room, avoiding boxes and other tags.
+  room, avoiding boxes and other tags; a tag drops its area, then its score, rather than
+  cover another tag.
 - **A banner** above the picture: OK/NG, region count, worst score and threshold, and a
   one-line legend.
 
@@ -465,15 +466,17 @@ def _place(
     size: Tuple[int, int],
     box: Sequence[float],
     area: Tuple[int, int],
-    avoid: List[Sequence[float]],
-    own: Sequence[float],
+    boxes: List[Sequence[float]],
+    tags: List[Sequence[float]],
     gap: int,
-) -> Tuple[int, int]:
-    """Top-left of a ``size`` tag beside ``box``, clamped into ``area`` (w, h).
+) -> Tuple[int, int, float]:
+    """``(x, y, cover)``: top-left of a ``size`` tag beside ``box``, clamped into ``area``
+    (w, h), and the area of the placed ``tags`` it covers.
 
     Candidates: above (left then right aligned), below, right, left, then inside the
-    box's top-left corner. The first without overlap wins, else the least overlap with
-    its own box (weight 4), other boxes and tags (weight 1).
+    box's top-left corner. The first without overlap wins, else the least weighted
+    overlap: another tag (weight 16: covered text is lost), its own box (4), other
+    ``boxes`` (1).
     """
     tw, th = size
     W, H = area
@@ -494,13 +497,14 @@ def _place(
         cx = int(min(max(cx, 0), max(W - tw, 0)))
         cy = int(min(max(cy, 0), max(H - th, 0)))
         r = (cx, cy, cx + tw, cy + th)
-        cost = 4.0 * _overlap(r, own) + sum(_overlap(r, o) for o in avoid)
+        cover = sum(_overlap(r, t) for t in tags)
+        cost = 16.0 * cover + 4.0 * _overlap(r, box) + sum(_overlap(r, o) for o in boxes)
         if cost == 0.0:
-            return cx, cy
+            return cx, cy, 0.0
         if best is None or cost < best[0]:
-            best = (cost, cx, cy)
+            best = (cost, cx, cy, cover)
     assert best is not None
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def _flow(words: List[Tuple[str, Any]], font: _Font, width: int, gap: int) -> List[List[Any]]:
@@ -808,17 +812,27 @@ def render_overlay(
             rest.append(_fmt(float(scores[i])))
         if areas is not None:
             rest.append(f"{int(areas[i]):,} px")
-        while True:  # drop detail until the tag fits the width
+        others = [o for j, o in enumerate(disp) if j != i]
+        # Drop detail (the area, then the score ...) until the tag fits the width and
+        # covers no tag placed before it; if none does, the fullest that covers least.
+        choice = None
+        while True:
             rest_text = "  ".join(rest)
             rw = font.width(rank) + 2 * pad
             tw = rw + (font.width(rest_text) + 2 * pad if rest_text else 0)
             if tw <= max(W, canvas_w if rw > W else 0) or not rest:
+                area_w = W if tw <= W else canvas_w
+                area_h = H if th <= H else body_h
+                x, y, cover = _place((tw, th), r, (area_w, area_h), others, placed, gap=lw)
+                if choice is None or cover < choice[0]:
+                    choice = (cover, rest_text, rw, tw, x, y)
+                if cover == 0.0:
+                    break
+            if not rest:
                 break
             rest = rest[:-1]
-        area_w = W if tw <= W else canvas_w
-        area_h = H if th <= H else body_h
-        others = [o for j, o in enumerate(disp) if j != i] + placed
-        x, y = _place((tw, th), r, (area_w, area_h), others, r, gap=lw)
+        assert choice is not None
+        _, rest_text, rw, tw, x, y = choice
         y += header_h
         cd.rectangle([x, y, x + rw - 1, y + th - 1], fill=box_rgb)
         font.draw(canvas, (x + pad, y + pad), rank, (0, 0, 0))
