@@ -305,13 +305,14 @@ def test_oom_of_one_input_is_transient_and_resume_retries_it(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_with_workers_stops_fast_and_resumes(tmp_path, sig):
+def test_signal_with_workers_stops_fast_and_resumes(tmp_path, sig, device):
+    # On CUDA the loader also runs a pin-memory thread, which the stop must not trip up.
     n = 3000
     _maps(tmp_path / "maps", n, h=16, w=16)
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "torchdefects", "run", "--maps", str(tmp_path / "maps"),
            "--out", out, "--pixel-threshold", "0.5", "--batch-size", "8", "--num-workers", "2",
-           "--save-masks", "png", "--quiet"]  # fmt: skip
+           "--save-masks", "png", "--quiet", "--device", device]  # fmt: skip
     p = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
     results = os.path.join(out, "results.jsonl")
     deadline = time.monotonic() + 90

@@ -143,7 +143,7 @@ def _stop_workers(it: Any, wait: float = 2.0) -> None:
     torch's own shutdown sets an ``Event`` shared with the workers and joins each for up to
     5 s; after a worker was killed while holding that ``Event``'s lock, it waits forever.
     So: unregister the workers from torch's SIGCHLD check, terminate them, reap them
-    (``SIGKILL`` after ``wait`` seconds), close the queues without joining their feeder
+    (``SIGKILL`` after ``wait`` seconds), let the queues go without joining their feeder
     threads, and mark the iterator shut down so its ``__del__`` does nothing more.
     """
     workers = list(getattr(it, "_workers", None) or [])
@@ -167,11 +167,14 @@ def _stop_workers(it: Any, wait: float = 2.0) -> None:
             if w.is_alive():
                 w.kill()
                 w.join(timeout=1.0)
-    for q in [*getattr(it, "_index_queues", []), getattr(it, "_worker_result_queue", None)]:
-        if q is not None:
-            with contextlib.suppress(Exception):
-                q.cancel_join_thread()
-                q.close()
+    for q in getattr(it, "_index_queues", []):
+        with contextlib.suppress(Exception):
+            q.cancel_join_thread()
+            q.close()
+    # Not closed: a pin-memory thread (CUDA runs) may still be reading it until it sees
+    # its done event; garbage collection closes it.
+    with contextlib.suppress(Exception):
+        it._worker_result_queue.cancel_join_thread()
 
 
 # ----------------------------------------------------------------------------
