@@ -7,7 +7,7 @@
 # kornia (an anchor and a test oracle) and cuCIM (an anchor) are installed from wheels in
 # ./.whl when present (a host with no network: see docs/benchmarks.md). Writes
 # OUTDIR/summary.txt, the pytest log and one JSON file per benchmark. Each step has its own
-# time limit; the whole script fits in about 7 minutes on an H100 or H200.
+# time limit; the whole script fits in about 9 minutes on an H100 or H200.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_check_out}}
@@ -83,6 +83,10 @@ tag="" run_bench 80 bench_components --quick
 tag="_b64" run_bench 50 bench_components --quick --batch 64
 tag="" run_bench 70 bench_head --quick --skip-cpu --modes eager,scripted
 tag="_compiled" run_bench 90 bench_head --quick --skip-cpu --modes static,compiled_static --gpu-batches 1,64
+# Which stage breaks reduce-overhead (CUDA-graph trees), and whether trees off works.
+note "== repro_cudagraph_trees --batch 1"
+timeout 120 python3 scripts/repro_cudagraph_trees.py --batch 1 --limit 100 2>&1 | grep -v Warning \
+    | tail -n 12 | tee -a "$summary"
 # Where a batch-1 forward spends its time (host overhead against device time).
 note "== profile_head --batch 1 --mode scripted"
 timeout 60 python3 scripts/profile_head.py --batch 1 --mode scripted --rows 15 > /tmp/profile_b1.log 2>&1
