@@ -386,8 +386,9 @@ def test_stop_workers_never_waits_on_a_lock_a_killed_worker_held():
     finally:
         lock.release()
     assert not any(w.is_alive() for w in workers)
-    # SIGTERM's default action, or torch's own handler (exit 0) before worker_init ran.
-    assert {w.exitcode for w in workers} <= {-signal.SIGTERM, 0}
+    # SIGTERM's default action, torch's own handler (exit 0) before worker_init ran, or the
+    # SIGKILL that follows when a worker outlives the wait (a very busy machine).
+    assert {w.exitcode for w in workers} <= {-signal.SIGTERM, 0, -signal.SIGKILL}
     it.__del__()  # torch's shutdown sees the iterator shut down and does nothing more
 
 
