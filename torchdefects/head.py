@@ -668,19 +668,7 @@ class DefectHead(nn.Module):
             full = self._full_mask(x, thr)
         if self.toolbox_regions:
             batch = x.shape[0]
-            full_sol: Optional[Tensor] = None
-            if self.min_solidity is not None:
-                full_sol = self._solidity(labels, regions)
-            keep = region_keep(
-                regions,
-                self.min_area,
-                self.min_score_max,
-                self.min_score_mean,
-                self.min_fill_ratio,
-                self.max_aspect_ratio,
-                self.min_solidity,
-                full_sol,
-            )
+            keep, full_sol = self._keep(labels, regions)
             keep_before = keep
             merged_into = keep
             if self.merge:
@@ -768,21 +756,27 @@ class DefectHead(nn.Module):
             mask = dilate_ellipse(mask, self.dilate_ksize) & not_nan
         if self.full_filters:
             labels, _, regions = _label_regions(mask, self.connectivity, scored)
-            sol: Optional[Tensor] = None
-            if self.min_solidity is not None:
-                sol = self._solidity(labels, regions)
-            keep = region_keep(
-                regions,
-                self.min_area,
-                self.min_score_max,
-                self.min_score_mean,
-                self.min_fill_ratio,
-                self.max_aspect_ratio,
-                self.min_solidity,
-                sol,
-            )
+            keep, _ = self._keep(labels, regions)
             mask = _kept_pixels(labels, regions, keep)
         return mask
+
+    def _keep(self, labels: Tensor, regions: Regions) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(keep, solidity)``: the config's region filters (:func:`region_keep`); the
+        solidity (per region) only when ``min_solidity`` needs it, else None."""
+        sol: Optional[Tensor] = None
+        if self.min_solidity is not None:
+            sol = self._solidity(labels, regions)
+        keep = region_keep(
+            regions,
+            self.min_area,
+            self.min_score_max,
+            self.min_score_mean,
+            self.min_fill_ratio,
+            self.max_aspect_ratio,
+            self.min_solidity,
+            sol,
+        )
+        return keep, sol
 
     @torch.jit.unused
     def _solidity(self, labels: Tensor, regions: Regions) -> Tensor:
