@@ -141,25 +141,10 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
     run_label = flat_labels.index_select(0, first)
     # One small read gives the sizes below: the number of regions and of their pixels,
     # or -1 when a label exceeds its image's count.
-    numel = b * h * w
     bad = (run_label > counts.index_select(0, image)).any()
-    num_regions, num_pixels, traced = 0, 0, False
-    if not torch.jit.is_scripting():  # noqa: SIM102
-        if _exporting():
-            # Data-dependent sizes for torch.export (unbacked): two reads, no label check.
-            num_regions = counts.sum().item()
-            num_pixels = length.sum().item()
-            torch._check(num_regions >= 0)
-            torch._check(num_pixels >= 0)
-            traced = True
-    if not traced:
-        packed = torch.where(bad, -1, counts.sum() * (numel + 1) + length.sum())
-        sizes = int(packed)
-        if sizes < 0:
-            raise ValueError("labels hold a label larger than counts for its image")
-        num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
-        if num_regions == 0:
-            return _empty_regions(device, score_dtype)
+    num_regions, num_pixels, traced = _read_sizes(counts, length, b * h * w, bad)
+    if not traced and num_regions == 0:
+        return _empty_regions(device, score_dtype)
     region = first_of_image.index_select(0, image) + run_label - 1
 
     return _run_stats(
@@ -177,6 +162,30 @@ def region_stats(labels: Tensor, counts: Tensor, anomaly_map: Optional[Tensor] =
         num_pixels,
         score_dtype,
     )
+
+
+def _read_sizes(
+    counts: Tensor, length: Tensor, numel: int, bad: Optional[Tensor] = None
+) -> Tuple[int, int, bool]:
+    """``(num_regions, num_pixels, traced)``: the batch's totals of regions (``counts``) and
+    of run pixels (``length``), in one host read (packed in one int64; ``numel`` bounds
+    the pixels). ``bad`` (a bool scalar) True raises :class:`ValueError`. While exporting,
+    two reads of data-dependent sizes for torch.export (unbacked), no ``bad`` check, and
+    ``traced`` is True."""
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if _exporting():
+            num_regions = counts.sum().item()
+            num_pixels = length.sum().item()
+            torch._check(num_regions >= 0)
+            torch._check(num_pixels >= 0)
+            return num_regions, num_pixels, True
+    packed = counts.sum() * (numel + 1) + length.sum()
+    if bad is not None:
+        packed = torch.where(bad, -1, packed)
+    sizes = int(packed)
+    if sizes < 0:
+        raise ValueError("labels hold a label larger than counts for its image")
+    return sizes // (numel + 1), sizes % (numel + 1), False
 
 
 def _run_stats(
@@ -354,21 +363,9 @@ def _label_regions(
         # below came out non-zero for an empty 1x1 mask after other calls (H100, torch 2.11).
         return labels, counts, _empty_regions(device, score_dtype)
     length = end - start
-    num_regions, num_pixels, traced = 0, 0, False
-    if not torch.jit.is_scripting():  # noqa: SIM102
-        if _exporting():
-            # Data-dependent sizes for torch.export (unbacked): two reads.
-            num_regions = counts.sum().item()
-            num_pixels = length.sum().item()
-            torch._check(num_regions >= 0)
-            torch._check(num_pixels >= 0)
-            traced = True
-    if not traced:
-        numel = b * h * w
-        sizes = int(counts.sum() * (numel + 1) + length.sum())
-        num_regions, num_pixels = sizes // (numel + 1), sizes % (numel + 1)
-        if num_regions == 0:
-            return labels, counts, _empty_regions(device, score_dtype)
+    num_regions, num_pixels, traced = _read_sizes(counts, length, b * h * w)
+    if not traced and num_regions == 0:
+        return labels, counts, _empty_regions(device, score_dtype)
     if _exporting():
         y = row - image * h  # ONNX has no remainder by a symbolic scalar
     else:
