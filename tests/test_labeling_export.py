@@ -163,38 +163,26 @@ def test_exported_stats_and_selection_match_eager():
 
 
 @pytest.mark.slow
-def test_onnx_region_stats_match_eager(tmp_path):
+@pytest.mark.parametrize(
+    "module, reference",
+    [(_Stats, _Stats), (_Fused, _Both)],
+    ids=["region_stats", "fused_labeling_and_stats"],
+)
+def test_onnx_matches_eager(tmp_path, module, reference):
+    """region_stats alone, and the fused labeling + stats against the public functions."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     example = (torch.rand(2, 9, 11) < 0.5, torch.rand(2, 9, 11))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            _Stats(), example, dynamic_shapes=_dims() * 2, dynamo=True, verbose=False
+            module(), example, dynamic_shapes=_dims() * 2, dynamo=True, verbose=False
         )
-    path = tmp_path / "stats.onnx"
+    path = tmp_path / "graph.onnx"
     program.save(str(path))
     session = ort.InferenceSession(str(path))
     names = [i.name for i in session.get_inputs()]
+    ref = reference()
     for masks, amap in _stats_cases():
         got = session.run(None, dict(zip(names, (masks, amap))))
-        _assert_same(got, _Stats()(torch.from_numpy(masks), torch.from_numpy(amap)), False)
-
-
-@pytest.mark.slow
-def test_onnx_fused_labeling_and_stats_match_eager(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    example = (torch.rand(2, 9, 11) < 0.5, torch.rand(2, 9, 11))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _Fused(), example, dynamic_shapes=_dims() * 2, dynamo=True, verbose=False
-        )
-    path = tmp_path / "fused.onnx"
-    program.save(str(path))
-    session = ort.InferenceSession(str(path))
-    names = [i.name for i in session.get_inputs()]
-    for masks, amap in _stats_cases():
-        got = session.run(None, dict(zip(names, (masks, amap))))
-        _assert_same(got, _Both()(torch.from_numpy(masks), torch.from_numpy(amap)), False)
+        _assert_same(got, ref(torch.from_numpy(masks), torch.from_numpy(amap)), False)
