@@ -53,6 +53,17 @@ def _blob_map(rng, h, w, n_blobs=3):
     return a
 
 
+def _blob_maps(d, seed, sizes, n_blobs=3):
+    """``{name: map}`` of :func:`_blob_map` maps of ``sizes``, saved as ``d/m{i}.npy``."""
+    rng = np.random.default_rng(seed)
+    d.mkdir()
+    maps = {}
+    for i, (h, w) in enumerate(sizes):
+        maps[f"m{i}.npy"] = _blob_map(rng, h, w, n_blobs)
+        np.save(d / f"m{i}.npy", maps[f"m{i}.npy"])
+    return maps
+
+
 def _records(out):
     return tdio.read_jsonl(os.path.join(out, "results.jsonl")).records
 
@@ -177,13 +188,8 @@ def test_integer_png_maps_keep_raw_values(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["png", "npy", "npz"])
 def test_mixed_sizes_masks_and_regions_jsonl(tmp_path, fmt):
-    rng = np.random.default_rng(2)
     d = tmp_path / "maps"
-    d.mkdir()
-    maps = {}
-    for i, (h, w) in enumerate([(16, 16), (20, 12), (16, 16), (9, 30), (20, 12)]):
-        maps[f"m{i}.npy"] = _blob_map(rng, h, w, 2)
-        np.save(d / f"m{i}.npy", maps[f"m{i}.npy"])
+    maps = _blob_maps(d, 2, [(16, 16), (20, 12), (16, 16), (9, 30), (20, 12)], n_blobs=2)
     out = str(tmp_path / "out")
     run(
         RunOptions(
@@ -471,13 +477,8 @@ def test_usage_errors(tmp_path):
 
 
 def test_run_on_device_equals_head_on_cpu(tmp_path, device):
-    rng = np.random.default_rng(6)
     d = tmp_path / "maps"
-    d.mkdir()
-    maps = {}
-    for i, (h, w) in enumerate([(20, 24), (20, 24), (12, 30), (20, 24), (12, 30)]):
-        maps[f"m{i}.npy"] = _blob_map(rng, h, w)
-        np.save(d / f"m{i}.npy", maps[f"m{i}.npy"])
+    maps = _blob_maps(d, 6, [(20, 24), (20, 24), (12, 30), (20, 24), (12, 30)])
     out = str(tmp_path / "out")
     s = run(
         RunOptions(
