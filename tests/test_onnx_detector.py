@@ -113,3 +113,24 @@ def test_run_with_onnx_detector(detector_onnx, tmp_path):
         )
         assert r["score_source"] == "detector"
         assert [g["bbox_xyxy"] for g in r["defects"]["regions"]] == d.regions.bbox_xyxy.tolist()
+
+
+def test_calibrate_with_onnx_detector(detector_onnx, tmp_path):
+    """calibrate --images --detector model.onnx: numpy.quantile of the ONNX detector's maps."""
+    rng = np.random.default_rng(2)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    maps = []
+    det = OnnxDetector(detector_onnx)
+    for i in range(3):
+        u8 = rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)
+        Image.fromarray(u8).save(imgs / f"{i}.png")
+        x = torch.from_numpy(u8).permute(2, 0, 1)[None].float() / 255.0
+        maps.append(det(x)["anomaly_map"].numpy().ravel())
+    out = tmp_path / "cfg.json"
+    args = ["calibrate", "--images", str(imgs), "--detector", str(detector_onnx),
+            "--map-output", "anomaly_map", "--q", "0.9", "-o", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    got = json.loads(out.read_text())["defects"]["pixel_threshold"]
+    want = float(np.quantile(np.concatenate(maps).astype(np.float64), 0.9))
+    assert got == want

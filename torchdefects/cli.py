@@ -98,16 +98,13 @@ def _add_calibrate(sub: Any) -> None:
             "write it with its provenance into a config file (created or updated)."
         ),
     )
+    from torchdefects.batch.plan import add_detector_arguments
+
     g = p.add_argument_group("inputs (--maps, or --images with --detector)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--maps", help="folder (recursive) or glob of normal maps")
     src.add_argument("--images", metavar="DIR_OR_GLOB", help="normal images, scored by --detector")
-    g.add_argument("--detector", metavar="MODEL.pt", help="TorchScript detector, as for run")
-    g.add_argument("--map-output", metavar="INDEX_OR_KEY", help="the map among its outputs")
-    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="as for run")
-    g.add_argument("--mean", nargs="+", type=float, help="as for run")
-    g.add_argument("--std", nargs="+", type=float, help="as for run")
-    g.add_argument("--center-crop", action="store_true", default=None, help="as for run")
+    add_detector_arguments(g)
     g.add_argument(
         "--config", metavar="IN", help="config to start from (default: OUT if it exists)"
     )

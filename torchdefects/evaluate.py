@@ -586,16 +586,13 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
             "alarms, image AUROC and F1; writes OUT/metrics.json. See docs/evaluation.md."
         ),
     )
+    from torchdefects.batch.plan import add_detector_arguments
+
     g = p.add_argument_group("inputs (--maps, or --images with --detector)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--maps", help="folder (recursive), glob or file of maps")
     src.add_argument("--images", help="images scored by --detector (as torchdefects run)")
-    g.add_argument("--detector", metavar="MODEL", help="TorchScript or ONNX detector")
-    g.add_argument("--map-output", metavar="INDEX_OR_KEY", help="the map among its outputs")
-    g.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="as for run")
-    g.add_argument("--mean", nargs="+", type=float, help="as for run")
-    g.add_argument("--std", nargs="+", type=float, help="as for run")
-    g.add_argument("--center-crop", action="store_true", default=None, help="as for run")
+    add_detector_arguments(g)
     g.add_argument("--gt-masks", metavar="DIR", help="ground-truth masks (PNG 0/255 or .npy)")
     g.add_argument("--config", help="config file (default: threshold-free metrics only)")
     g.add_argument("--category", metavar="NAME", help="the config's category")

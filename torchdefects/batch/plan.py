@@ -212,6 +212,17 @@ def image_map_loader(
 DETECTOR_FLAGS = ("detector", "map_output", "input_size", "mean", "std", "center_crop")
 
 
+def add_detector_arguments(group: Any) -> None:
+    """The :data:`DETECTOR_FLAGS` of ``calibrate`` and ``evaluate`` (``--images`` scored by a
+    detector, as ``run`` does), read back by :func:`images_through_detector`."""
+    group.add_argument("--detector", metavar="MODEL", help="TorchScript or ONNX detector")
+    group.add_argument("--map-output", metavar="INDEX_OR_KEY", help="the map among its outputs")
+    group.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="as for run")
+    group.add_argument("--mean", nargs="+", type=float, help="as for run")
+    group.add_argument("--std", nargs="+", type=float, help="as for run")
+    group.add_argument("--center-crop", action="store_true", default=None, help="as for run")
+
+
 def images_through_detector(
     args: Any, paths: Optional[Sequence[str]], device: torch.device
 ) -> Optional[Callable[[Any], np.ndarray]]:
