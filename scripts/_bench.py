@@ -4,6 +4,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -100,3 +102,16 @@ def table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     for r in rows:
         out.append(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
     return "\n".join(out)
+
+
+def run_child(script: str, args: List[str]) -> Dict[str, object]:
+    """Run ``script`` with ``args`` in a fresh Python (its own peak RSS) and return the JSON
+    object on the last line of its stdout; exit with its stderr if it fails. glibc serves
+    big buffers by mmap there, so freed ones go back to the OS and peak RSS tracks what is
+    live, not the allocator's high-water mark."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    cmd = [sys.executable, os.path.abspath(script), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{os.path.basename(script)} {' '.join(args)} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])

@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import machine, sync, table, write_json
+from _bench import machine, run_child, sync, table, write_json
 
 B, H, W = 32, 256, 256
 
@@ -132,16 +131,8 @@ def torch_quantile_refuses() -> str:
 
 
 def _run_child(mode: str, args: argparse.Namespace, n_batches: int) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--q", str(args.q)]
-    cmd += ["--device", args.device, "--repeats", str(args.repeats)]
-    cmd += ["--n-batches", str(n_batches)]
-    # glibc: serve big buffers by mmap so freed ones go back to the OS and peak RSS tracks
-    # what is live, not the allocator's high-water mark.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"{mode} child failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    extra = ["--q", str(args.q), "--device", args.device, "--repeats", str(args.repeats)]
+    return run_child(__file__, ["--child", mode, *extra, "--n-batches", str(n_batches)])
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import machine, smooth_maps, table, write_json
+from _bench import machine, run_child, smooth_maps, table, write_json
 
 B, H, W = 16, 256, 256
 
@@ -135,14 +134,8 @@ def child_sklearn(n_batches: int, repeats: int) -> Dict[str, Any]:
 
 
 def _run_child(mode: str, args: argparse.Namespace, n_batches: int) -> Dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", mode]
-    cmd += ["--repeats", str(args.repeats), "--n-batches", str(n_batches)]
-    # glibc: big buffers by mmap, so peak RSS tracks what is live, not the allocator's cache.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"{mode} child failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    extra = ["--repeats", str(args.repeats), "--n-batches", str(n_batches)]
+    return run_child(__file__, ["--child", mode, *extra])
 
 
 def main() -> None:
